@@ -1,0 +1,167 @@
+"""Canonical bytes and digests of signed objects, and the strict JSON reader for the wire.
+
+Every signed object is a JSON object with a ``version`` member. Its *canonical bytes* are its
+RFC 8785 (JSON Canonicalization Scheme) serialization; its *digest* is
+``SHA-256(domain_tag || 0x00 || canonical_bytes)``, where the domain tag names the object type
+(``mcb/statement/v1`` ...), so a signature over one object type can never be replayed as another.
+
+JSON numbers are allowed only as integers in the interoperable range (|n| <= 2**53 - 1); money
+and sums travel as decimal strings. Floats are rejected in both directions.
+
+This module does not know any object's fields; each object type validates its own members.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import rfc8785
+
+from attestations.errors import DecodeError, FloatRejected
+
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+MAX_MESSAGE_BYTES: Final = 1_000_000
+"""Default bound for one JSON document read from the wire (the broker's default message limit)."""
+MAX_NESTING: Final = 32
+
+DOMAIN_STATEMENT: Final = "mcb/statement/v1"
+DOMAIN_TREE_HEAD: Final = "mcb/tree-head/v1"
+DOMAIN_KEY_ID: Final = "mcb/key/v1"
+DOMAIN_BLS_POP_MESSAGE: Final = "mcb/bls-pop/v1"
+
+_DOMAIN_RE: Final = re.compile(r"mcb/[a-z0-9-]+/v[0-9]+")
+_TIMESTAMP_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+
+
+def _check_json_value(value: object, *, depth: int = 0) -> None:
+    if depth > MAX_NESTING:
+        raise DecodeError(f"JSON nested deeper than {MAX_NESTING}")
+    if isinstance(value, float):
+        raise FloatRejected(f"float {value!r} in a signed object; use a decimal string")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_SAFE_INTEGER:
+            raise DecodeError(f"integer {value} outside the interoperable JSON range")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise DecodeError(f"JSON object key {key!r} is not a string")
+            _check_json_value(item, depth=depth + 1)
+        return
+    if isinstance(value, list | tuple):
+        for item in value:
+            _check_json_value(item, depth=depth + 1)
+        return
+    raise DecodeError(f"{type(value).__name__} cannot be encoded in a signed object")
+
+
+def compute_canonical_bytes(obj: Mapping[str, Any]) -> bytes:
+    """RFC 8785 bytes of ``obj`` after checking it holds only JSON-safe, float-free values."""
+    _check_json_value(obj)
+    try:
+        return rfc8785.dumps(obj)
+    except (rfc8785.CanonicalizationError, ValueError, TypeError) as exc:
+        raise DecodeError(f"cannot canonicalize: {exc}") from exc
+
+
+def compute_digest(*, domain: str, obj: Mapping[str, Any]) -> bytes:
+    """``SHA-256(domain || 0x00 || RFC8785(obj))``: the 32 bytes that get signed."""
+    return compute_tagged_hash(domain=domain, data=compute_canonical_bytes(obj))
+
+
+def compute_tagged_hash(*, domain: str, data: bytes) -> bytes:
+    if not _DOMAIN_RE.fullmatch(domain):
+        raise DecodeError(f"domain tag {domain!r} is not of the form mcb/<name>/v<n>")
+    return hashlib.sha256(domain.encode("ascii") + b"\x00" + data).digest()
+
+
+def compute_key_id(*, algorithm: str, public_key: bytes) -> str:
+    """Key id: lowercase hex of ``SHA-256("mcb/key/v1" || 0x00 || algorithm || 0x00 || key)``."""
+    if not algorithm.isascii() or not algorithm:
+        raise DecodeError(f"algorithm name {algorithm!r} must be non-empty ASCII")
+    data = algorithm.encode("ascii") + b"\x00" + bytes(public_key)
+    return compute_tagged_hash(domain=DOMAIN_KEY_ID, data=data).hex()
+
+
+def _reject_float(text: str) -> float:
+    raise FloatRejected(f"JSON number {text[:32]} is not an integer; money travels as strings")
+
+
+def _reject_constant(text: str) -> float:
+    raise DecodeError(f"JSON constant {text} is not allowed")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DecodeError(f"duplicate JSON key {key[:64]!r}")
+        out[key] = value
+    return out
+
+
+def parse_json_object(data: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Strictly parse one JSON object from the wire: UTF-8, bounded size, no duplicate keys, no
+    floats, no NaN/Infinity, integers in the interoperable range, bounded nesting."""
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if len(raw) > max_bytes:
+        raise DecodeError(f"document of {len(raw)} bytes exceeds the limit of {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+        obj = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_float=_reject_float,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DecodeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DecodeError(f"expected a JSON object, got {type(obj).__name__}")
+    _check_json_value(obj)
+    return obj
+
+
+def format_timestamp(moment: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.mmmZ`` in UTC; the moment must be timezone-aware with whole
+    milliseconds (the wire form carries exactly millisecond precision)."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise DecodeError("timestamps must be timezone-aware")
+    utc = moment.astimezone(UTC)
+    if utc.microsecond % 1000:
+        raise DecodeError(f"timestamp {moment.isoformat()} has sub-millisecond precision")
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(text: object) -> datetime:
+    """Inverse of :func:`format_timestamp`; anything else raises DecodeError."""
+    if not isinstance(text, str) or not _TIMESTAMP_RE.fullmatch(text):
+        raise DecodeError(f"timestamp {str(text)[:40]!r} is not YYYY-MM-DDTHH:MM:SS.mmmZ")
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise DecodeError(f"timestamp {text!r} is not a valid date: {exc}") from exc
+
+
+def truncate_to_millis(moment: datetime) -> datetime:
+    """Drop sub-millisecond precision so a clock reading can be put in a signed object."""
+    return moment.replace(microsecond=moment.microsecond - moment.microsecond % 1000)
+
+
+def parse_hex(text: object, *, length: int, what: str) -> bytes:
+    """Lowercase hex of exactly ``length`` bytes."""
+    if not isinstance(text, str) or len(text) != 2 * length:
+        raise DecodeError(f"{what} must be {2 * length} lowercase hex characters")
+    if text != text.lower():
+        raise DecodeError(f"{what} must be lowercase hex")
+    try:
+        return bytes.fromhex(text)
+    except ValueError as exc:
+        raise DecodeError(f"{what} is not hex: {exc}") from exc

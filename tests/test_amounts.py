@@ -1,0 +1,206 @@
+"""Amounts, prices and the canonical wire helpers: integers only, strict parsing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attestations.amounts import (
+    UNITS_LIMIT,
+    Amount,
+    Asset,
+    Price,
+    check_units,
+    format_units,
+    parse_units,
+    validate_asset_code,
+)
+from attestations.canonical import (
+    compute_canonical_bytes,
+    compute_digest,
+    compute_key_id,
+    format_timestamp,
+    parse_json_object,
+    parse_timestamp,
+)
+from attestations.errors import (
+    AmountError,
+    DecodeError,
+    FloatRejected,
+    NegativeSum,
+    SumOverflow,
+)
+
+
+@given(st.integers(min_value=0, max_value=UNITS_LIMIT - 1))
+def test_units_round_trip(value: int) -> None:
+    assert parse_units(format_units(value)) == value
+
+
+@pytest.mark.parametrize("text", ["01", "+1", " 1", "1 ", "1.0", "1e3", "", "0x10", "١", "1_000"])
+def test_non_canonical_decimal_strings_are_rejected(text: str) -> None:
+    with pytest.raises(AmountError):
+        parse_units(text)
+
+
+def test_negative_and_overflow_have_their_own_errors() -> None:
+    with pytest.raises(NegativeSum):
+        parse_units("-5")
+    with pytest.raises(SumOverflow):
+        parse_units(str(UNITS_LIMIT))
+    with pytest.raises(NegativeSum):
+        check_units(-1)
+    with pytest.raises(SumOverflow):
+        format_units(UNITS_LIMIT)
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, float("nan"), float("inf")])
+def test_float_is_never_money(value: float) -> None:
+    with pytest.raises(FloatRejected):
+        check_units(value)
+    with pytest.raises(FloatRejected):
+        parse_units(value)
+    with pytest.raises(FloatRejected):
+        Amount("BTC", value)  # type: ignore[arg-type]
+    with pytest.raises(FloatRejected):
+        Price.parse(asset="BTC", quote="USD", text=value)
+    # FloatRejected is also a TypeError, so generic callers see a type problem.
+    with pytest.raises(TypeError):
+        check_units(value)
+
+
+def test_bool_is_not_an_amount() -> None:
+    with pytest.raises(AmountError):
+        check_units(True)
+
+
+def test_amount_arithmetic_keeps_assets_apart() -> None:
+    assert Amount("BTC", 5) + Amount("BTC", 7) == Amount("BTC", 12)
+    with pytest.raises(AmountError):
+        _ = Amount("BTC", 5) + Amount("ETH", 7)
+    with pytest.raises(NegativeSum):
+        _ = Amount("BTC", 5) - Amount("BTC", 7)
+
+
+@pytest.mark.parametrize("code", ["btc", "B", "BTC-X", "", "ABCDEFGHIJKLMNOPQ", "1BTC", 7])
+def test_bad_asset_codes(code: object) -> None:
+    with pytest.raises(DecodeError):
+        validate_asset_code(code)
+
+
+def test_asset_decimals_bounded() -> None:
+    assert Asset("BTC", 8).decimals == 8
+    with pytest.raises(DecodeError):
+        Asset("BTC", 19)
+
+
+@pytest.mark.parametrize(
+    ("text", "mantissa", "scale"),
+    [("64123.45", 6412345, 2), ("64123.450", 6412345 * 10, 3), ("1", 1, 0), ("0.000001", 1, 6)],
+)
+def test_price_parse_keeps_the_scale(text: str, mantissa: int, scale: int) -> None:
+    price = Price.parse(asset="BTC", quote="USD", text=text)
+    assert (price.mantissa, price.scale) == (mantissa, scale)
+    assert price.to_wire() == text
+
+
+@pytest.mark.parametrize("text", ["-1", "1.", ".5", "01.5", "1e5", "1,5", "NaN", ""])
+def test_price_rejects_non_canonical(text: str) -> None:
+    with pytest.raises(AmountError):
+        Price.parse(asset="BTC", quote="USD", text=text)
+
+
+def test_value_conversion_rounds_down() -> None:
+    # 1 satoshi at 64123.45 USD/BTC, USD with 2 decimals: 0.0064123 cents -> 0.
+    price = Price.parse(asset="BTC", quote="USD", text="64123.45")
+    assert price.compute_value(units=1, asset_decimals=8, quote_decimals=2) == 0
+    # 1.5 BTC = 96185.175 USD -> 9618517 cents (the half cent is dropped, never rounded up).
+    units = 150_000_000
+    assert price.compute_value(units=units, asset_decimals=8, quote_decimals=2) == 9_618_517
+
+
+@given(
+    units=st.integers(min_value=0, max_value=10**30),
+    mantissa=st.integers(min_value=0, max_value=10**20),
+    scale=st.integers(min_value=0, max_value=18),
+)
+def test_value_never_exceeds_exact_value(units: int, mantissa: int, scale: int) -> None:
+    price = Price("BTC", "USD", mantissa, scale)
+    value = price.compute_value(units=units, asset_decimals=8, quote_decimals=2)
+    exact_numerator = units * mantissa * 100
+    denominator = 10 ** (8 + scale)
+    assert value * denominator <= exact_numerator < (value + 1) * denominator
+
+
+def test_canonical_bytes_follow_rfc8785_ordering() -> None:
+    assert compute_canonical_bytes({"b": 1, "a": "x", "c": [True, None]}) == (
+        b'{"a":"x","b":1,"c":[true,null]}'
+    )
+
+
+def test_canonical_rejects_float_and_unsafe_integers() -> None:
+    with pytest.raises(FloatRejected):
+        compute_canonical_bytes({"a": 1.5})
+    with pytest.raises(DecodeError):
+        compute_canonical_bytes({"a": 2**53})
+
+
+def test_digest_is_domain_separated() -> None:
+    obj = {"version": 1}
+    one = compute_digest(domain="mcb/statement/v1", obj=obj)
+    two = compute_digest(domain="mcb/tree-head/v1", obj=obj)
+    assert one != two
+    with pytest.raises(DecodeError):
+        compute_digest(domain="statement", obj=obj)
+
+
+def test_key_id_binds_algorithm_and_key() -> None:
+    a = compute_key_id(algorithm="ecdsa-p256-sha256", public_key=b"\x04" + bytes(64))
+    b = compute_key_id(algorithm="bls12381-g2-pop", public_key=b"\x04" + bytes(64))
+    assert a != b
+    assert len(a) == 64
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"a":1,"a":2}',
+        b'{"a":1.5}',
+        b'{"a":NaN}',
+        b'{"a":Infinity}',
+        b"[1,2]",
+        b"\xff\xfe",
+        b'{"a":',
+        b'{"a":' + b"[" * 40 + b"]" * 40 + b"}",
+        b'{"a":9007199254740993}',
+    ],
+)
+def test_strict_json_reader_rejects(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        parse_json_object(data)
+
+
+def test_strict_json_reader_bounds_size() -> None:
+    big = b'{"a":"' + b"x" * 2000 + b'"}'
+    assert parse_json_object(big, max_bytes=3000)["a"] == "x" * 2000
+    with pytest.raises(DecodeError):
+        parse_json_object(big, max_bytes=1000)
+
+
+def test_timestamps_have_one_form() -> None:
+    moment = datetime(2026, 11, 25, 8, 0, 1, 123000, tzinfo=UTC)
+    text = format_timestamp(moment)
+    assert text == "2026-11-25T08:00:01.123Z"
+    assert parse_timestamp(text) == moment
+    east = moment.astimezone(timezone(timedelta(hours=2)))
+    assert format_timestamp(east) == text
+    with pytest.raises(DecodeError):
+        format_timestamp(moment.replace(tzinfo=None))
+    with pytest.raises(DecodeError):
+        format_timestamp(moment.replace(microsecond=123456))
+    for bad in ["2026-11-25T08:00:01Z", "2026-11-25 08:00:01.123Z", "2026-13-25T08:00:01.123Z"]:
+        with pytest.raises(DecodeError):
+            parse_timestamp(bad)
