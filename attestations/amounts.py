@@ -70,6 +70,17 @@ def format_units(value: object, *, what: str = "quantity") -> str:
     return str(check_units(value, what=what))
 
 
+def format_decimal(units: int, *, decimals: int) -> str:
+    """Human-readable whole units of a minor-unit quantity, exactly (``150000000``, 8 ->
+    ``"1.50000000"``). For display; the wire form of a quantity is :func:`format_units`."""
+    check_units(units)
+    _check_decimals(decimals, what="decimals")
+    if decimals == 0:
+        return str(units)
+    whole, fraction = divmod(units, 10**decimals)
+    return f"{whole}.{fraction:0{decimals}d}"
+
+
 def validate_asset_code(code: object) -> str:
     """Asset codes are 2-16 ASCII characters: an upper-case letter, then upper-case letters or
     digits (``BTC``, ``USDC``, ``BENJI``)."""

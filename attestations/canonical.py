@@ -35,6 +35,7 @@ DOMAIN_KEY_ID: Final = "mcb/key/v1"
 DOMAIN_BLS_POP_MESSAGE: Final = "mcb/bls-pop/v1"
 
 _DOMAIN_RE: Final = re.compile(r"mcb/[a-z0-9-]+/v[0-9]+")
+_HEX_RE: Final = re.compile(r"[0-9a-f]*")
 _TIMESTAMP_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 
 
@@ -159,9 +160,6 @@ def parse_hex(text: object, *, length: int, what: str) -> bytes:
     """Lowercase hex of exactly ``length`` bytes."""
     if not isinstance(text, str) or len(text) != 2 * length:
         raise DecodeError(f"{what} must be {2 * length} lowercase hex characters")
-    if text != text.lower():
-        raise DecodeError(f"{what} must be lowercase hex")
-    try:
-        return bytes.fromhex(text)
-    except ValueError as exc:
-        raise DecodeError(f"{what} is not hex: {exc}") from exc
+    if not _HEX_RE.fullmatch(text):
+        raise DecodeError(f"{what} must be lowercase hex digits only")
+    return bytes.fromhex(text)

@@ -40,7 +40,9 @@ def test_units_round_trip(value: int) -> None:
     assert parse_units(format_units(value)) == value
 
 
-@pytest.mark.parametrize("text", ["01", "+1", " 1", "1 ", "1.0", "1e3", "", "0x10", "١", "1_000"])
+@pytest.mark.parametrize(
+    "text", ["01", "+1", " 1", "1 ", "1.0", "1e3", "", "0x10", "\u0661", "1_000"]
+)
 def test_non_canonical_decimal_strings_are_rejected(text: str) -> None:
     with pytest.raises(AmountError):
         parse_units(text)
@@ -204,3 +206,12 @@ def test_timestamps_have_one_form() -> None:
     for bad in ["2026-11-25T08:00:01Z", "2026-11-25 08:00:01.123Z", "2026-13-25T08:00:01.123Z"]:
         with pytest.raises(DecodeError):
             parse_timestamp(bad)
+
+
+@pytest.mark.parametrize("text", ["  " + "00" * 31, "AB" * 32, "0g" * 32, "00" * 31, "00" * 33, 7])
+def test_hex_is_exact_lowercase_and_exact_length(text: object) -> None:
+    from attestations.canonical import parse_hex
+
+    with pytest.raises(DecodeError):
+        parse_hex(text, length=32, what="root")
+    assert parse_hex("ab" * 32, length=32, what="root") == b"\xab" * 32

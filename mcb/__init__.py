@@ -1,0 +1,1 @@
+"""The operator command line of the mirrored-collateral bridge (``mcb``)."""

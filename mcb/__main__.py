@@ -1,0 +1,3 @@
+from mcb.cli import main
+
+raise SystemExit(main())
