@@ -23,9 +23,10 @@ UNITS_LIMIT: Final = 2**128
 MAX_DECIMALS: Final = 18
 """Largest number of decimals an asset or a price scale may have."""
 
-_UNITS_RE: Final = re.compile(r"0|[1-9][0-9]{0,38}")
+_UNITS_RE: Final = re.compile(r"0|[1-9][0-9]*")
+_MAX_UNITS_DIGITS: Final = len(str(UNITS_LIMIT - 1))  # 39: longer canonical strings overflow
 _NEGATIVE_RE: Final = re.compile(r"-[0-9]+")
-_PRICE_RE: Final = re.compile(r"(0|[1-9][0-9]{0,37})(?:\.([0-9]{1,18}))?")
+_PRICE_RE: Final = re.compile(r"(0|[1-9][0-9]{0,38})(?:\.([0-9]{1,18}))?")
 _ASSET_RE: Final = re.compile(r"[A-Z][A-Z0-9]{1,15}")
 
 
@@ -62,6 +63,8 @@ def parse_units(text: object, *, what: str = "quantity") -> int:
         raise NegativeSum(f"{what}: {text!r} is negative")
     if not _UNITS_RE.fullmatch(text):
         raise AmountError(f"{what}: {text[:64]!r} is not a canonical unsigned decimal integer")
+    if len(text) > _MAX_UNITS_DIGITS:  # decided without converting an arbitrarily long string
+        raise SumOverflow(f"{what}: a {len(text)}-digit value does not fit in 128 bits")
     return check_units(int(text), what=what)
 
 

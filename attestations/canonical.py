@@ -32,16 +32,17 @@ MAX_NESTING: Final = 32
 DOMAIN_STATEMENT: Final = "mcb/statement/v1"
 DOMAIN_TREE_HEAD: Final = "mcb/tree-head/v1"
 DOMAIN_KEY_ID: Final = "mcb/key/v1"
-DOMAIN_BLS_POP_MESSAGE: Final = "mcb/bls-pop/v1"
 
 _DOMAIN_RE: Final = re.compile(r"mcb/[a-z0-9-]+/v[0-9]+")
 _HEX_RE: Final = re.compile(r"[0-9a-f]*")
-_TIMESTAMP_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+_TIMESTAMP_RE: Final = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z"
+)
 
 
-def _check_json_value(value: object, *, depth: int = 0) -> None:
-    if depth > MAX_NESTING:
-        raise DecodeError(f"JSON nested deeper than {MAX_NESTING}")
+def _check_json_value(value: object, *, depth: int = 1) -> None:
+    """``depth`` is the nesting level of ``value`` when it is a container: the top-level object is
+    at depth 1, and no container may be deeper than MAX_NESTING."""
     if isinstance(value, float):
         raise FloatRejected(f"float {value!r} in a signed object; use a decimal string")
     if isinstance(value, bool) or value is None or isinstance(value, str):
@@ -50,6 +51,8 @@ def _check_json_value(value: object, *, depth: int = 0) -> None:
         if abs(value) > MAX_SAFE_INTEGER:
             raise DecodeError(f"integer {value} outside the interoperable JSON range")
         return
+    if isinstance(value, Mapping | list | tuple) and depth > MAX_NESTING:
+        raise DecodeError(f"JSON containers nested deeper than {MAX_NESTING}")
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
@@ -135,18 +138,26 @@ def format_timestamp(moment: datetime) -> str:
     milliseconds (the wire form carries exactly millisecond precision)."""
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise DecodeError("timestamps must be timezone-aware")
-    utc = moment.astimezone(UTC)
+    try:
+        utc = moment.astimezone(UTC)
+    except OverflowError as exc:
+        raise DecodeError(f"timestamp {moment.isoformat()} is outside the UTC range") from exc
     if utc.microsecond % 1000:
         raise DecodeError(f"timestamp {moment.isoformat()} has sub-millisecond precision")
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:"
+        f"{utc.second:02d}.{utc.microsecond // 1000:03d}Z"
+    )
 
 
 def parse_timestamp(text: object) -> datetime:
     """Inverse of :func:`format_timestamp`; anything else raises DecodeError."""
-    if not isinstance(text, str) or not _TIMESTAMP_RE.fullmatch(text):
+    match = _TIMESTAMP_RE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
         raise DecodeError(f"timestamp {str(text)[:40]!r} is not YYYY-MM-DDTHH:MM:SS.mmmZ")
+    year, month, day, hour, minute, second, millis = map(int, match.groups())
     try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        return datetime(year, month, day, hour, minute, second, millis * 1000, tzinfo=UTC)
     except ValueError as exc:
         raise DecodeError(f"timestamp {text!r} is not a valid date: {exc}") from exc
 

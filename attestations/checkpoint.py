@@ -35,6 +35,7 @@ from attestations.statement import (
     require_int,
     require_members,
     require_utc,
+    require_version,
     validate_key_id,
     validate_party,
 )
@@ -61,8 +62,7 @@ class Checkpoint:
     version: int = CHECKPOINT_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != CHECKPOINT_VERSION:
-            raise DecodeError(f"checkpoint version {self.version!r} unsupported")
+        require_version(self.version, expected=CHECKPOINT_VERSION, what="checkpoint")
         validate_party(self.custodian, what="custodian")
         validate_party(self.log, what="log name")
         if not isinstance(self.head, TreeHead):
@@ -82,8 +82,7 @@ class Checkpoint:
     @classmethod
     def from_wire(cls, obj: object) -> Checkpoint:
         m = require_members(obj, what="checkpoint", keys=_CHECKPOINT_KEYS)
-        if m["version"] != CHECKPOINT_VERSION or isinstance(m["version"], bool):
-            raise DecodeError(f"checkpoint version {str(m['version'])[:10]!r} unsupported")
+        require_version(m["version"], expected=CHECKPOINT_VERSION, what="checkpoint")
         head = TreeHead(
             size=require_int(m["size"], what="size", low=0, high=MAX_TREE_SIZE),
             root=parse_hex(m["root"], length=32, what="root"),
@@ -107,6 +106,7 @@ class SignedCheckpoint:
     version: int = CHECKPOINT_VERSION
 
     def __post_init__(self) -> None:
+        require_version(self.version, expected=CHECKPOINT_VERSION, what="signed checkpoint")
         if not isinstance(self.checkpoint, Checkpoint):
             raise DecodeError("checkpoint must be a Checkpoint")
         validate_key_id(self.key_id)
@@ -129,8 +129,7 @@ class SignedCheckpoint:
     def decode(cls, data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> SignedCheckpoint:
         obj = parse_json_object(data, max_bytes=max_bytes)
         m = require_members(obj, what="signed checkpoint", keys=_SIGNED_KEYS)
-        if m["version"] != CHECKPOINT_VERSION or isinstance(m["version"], bool):
-            raise DecodeError(f"signed checkpoint version {str(m['version'])[:10]!r} unsupported")
+        require_version(m["version"], expected=CHECKPOINT_VERSION, what="signed checkpoint")
         if m["algorithm"] != P256_ALGORITHM:
             raise DecodeError(f"checkpoint algorithm must be {P256_ALGORITHM}")
         return cls(

@@ -38,6 +38,7 @@ from attestations.statement import (
     require_bytes,
     require_int,
     require_members,
+    require_version,
     validate_party,
 )
 
@@ -54,6 +55,9 @@ def compute_salt(*, secret: bytes, exchange: str, account: str, asset: str) -> b
     """HMAC-SHA-256(secret, "mcb/salt/v1" 0x00 exchange 0x00 account 0x00 asset): 32 bytes."""
     if len(secret) < 32:
         raise DecodeError("the salt secret must be at least 32 bytes")
+    validate_party(exchange, what="exchange")
+    validate_account(account)
+    validate_asset_code(asset)
     message = _SALT_CONTEXT + b"\x00".join(
         part.encode("utf-8") for part in (exchange, account, asset)
     )
@@ -100,9 +104,13 @@ class DisclosedLeaf:
         )
 
 
-def build_trees(leaves: Iterable[DisclosedLeaf]) -> dict[str, SumTree]:
+def build_trees(
+    leaves: Iterable[DisclosedLeaf], *, depths: Mapping[str, int] | None = None
+) -> dict[str, SumTree]:
     """One sum tree per asset from disclosed leaves; duplicate positions or accounts within one
-    asset are rejected (DuplicateLeaf)."""
+    asset are rejected (DuplicateLeaf). A receiver checking a snapshot passes the statement's
+    depths (``{asset: depth}``): positions are stable and trees never shrink, so the depth of a
+    tree is not always the smallest that fits its leaves."""
     by_asset: dict[str, list[DisclosedLeaf]] = defaultdict(list)
     for leaf in leaves:
         by_asset[leaf.asset].append(leaf)
@@ -111,7 +119,8 @@ def build_trees(leaves: Iterable[DisclosedLeaf]) -> dict[str, SumTree]:
         accounts = [item.account for item in items]
         if len(set(accounts)) != len(accounts):
             raise DuplicateLeaf(f"an account appears twice in the {asset} tree")
-        trees[asset] = SumTree.build(asset, [item.to_leaf() for item in items])
+        depth = None if depths is None else depths.get(asset)
+        trees[asset] = SumTree.build(asset, [item.to_leaf() for item in items], depth=depth)
     return trees
 
 
@@ -152,8 +161,7 @@ class ClientProof:
     version: int = CLIENT_PROOF_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != CLIENT_PROOF_VERSION:
-            raise DecodeError(f"client proof version {self.version!r} unsupported")
+        require_version(self.version, expected=CLIENT_PROOF_VERSION, what="client proof")
         validate_party(self.custodian, what="custodian")
         validate_party(self.exchange, what="exchange")
         require_int(self.sequence, what="sequence", low=1, high=2**53 - 1)
@@ -178,8 +186,7 @@ class ClientProof:
     @classmethod
     def from_wire(cls, obj: object) -> ClientProof:
         m = require_members(obj, what="client proof", keys=_CLIENT_PROOF_KEYS)
-        if m["version"] != CLIENT_PROOF_VERSION or isinstance(m["version"], bool):
-            raise DecodeError(f"client proof version {str(m['version'])[:10]!r} unsupported")
+        require_version(m["version"], expected=CLIENT_PROOF_VERSION, what="client proof")
         return cls(
             custodian=validate_party(m["custodian"], what="custodian"),
             exchange=validate_party(m["exchange"], what="exchange"),

@@ -38,6 +38,7 @@ from attestations.statement import (
     require_list,
     require_members,
     require_utc,
+    require_version,
     validate_party,
 )
 
@@ -118,6 +119,7 @@ class KeyRecord:
 
     def check_usable(self, *, at: datetime) -> None:
         """Raise unless the key may sign something dated ``at``."""
+        require_utc(at, what="signing time")
         if self.revoked_at is not None and at >= self.revoked_at:
             raise RevokedKey(
                 f"key {self.key_id[:16]} of {self.owner} was revoked at "
@@ -146,7 +148,7 @@ class KeyRecord:
     @classmethod
     def from_wire(cls, obj: object) -> KeyRecord:
         m = require_members(obj, what="key record", keys=_RECORD_KEYS)
-        if m["role"] not in {r.value for r in KeyRole}:
+        if not isinstance(m["role"], str) or m["role"] not in {r.value for r in KeyRole}:
             raise DecodeError(f"unknown key role {str(m['role'])[:20]!r}")
         role = KeyRole(m["role"])
         algorithm = _ROLE_ALGORITHM[role]
@@ -263,8 +265,7 @@ class KeyRegistry:
     @classmethod
     def from_wire(cls, obj: object) -> KeyRegistry:
         m = require_members(obj, what="key registry", keys=_REGISTRY_KEYS)
-        if m["version"] != REGISTRY_VERSION:
-            raise DecodeError(f"key registry version {str(m['version'])[:10]!r} unsupported")
+        require_version(m["version"], expected=REGISTRY_VERSION, what="key registry")
         quorums = m["quorums"]
         if not isinstance(quorums, Mapping):
             raise DecodeError("quorums must be an object of custodian -> threshold")

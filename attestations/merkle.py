@@ -104,10 +104,11 @@ _SIBLING_KEYS: Final = frozenset({"hash", "sum"})
 _T = TypeVar("_T")
 
 _DENSE_GAP: Final = 1024
-"""Storage detail, not protocol: a level keeps its nodes in plain lists up to the last position
-that is at most this many empty slots past its predecessor, and the rest in a dict. Dense trees
-(positions 0..n-1 with a few holes) get list speed; a lone leaf at position 2**47 costs a few dict
-entries per level instead of 2**47 list slots."""
+"""Storage detail, not protocol. Each level keeps a prefix of its nodes in plain lists (fast to
+build and to update) and the nodes far past it in a dict. Empty padding slots in the lists stay
+below the number of nodes written into them plus this constant, and one write pads at most this
+many, so dense trees (positions 0..n-1, with holes) get list speed while a lone leaf at position
+2**47 costs one dict entry per level instead of 2**47 list slots."""
 
 
 # --- validation of inputs -----------------------------------------------------------------------
@@ -433,6 +434,7 @@ class SumTree:
         Raises DuplicateLeaf if two leaves share a position or a commitment, SumOverflow if the
         total does not fit in 128 bits, DecodeError if ``depth`` is too small for a position.
         """
+        tree = cls(asset)
         items = list(leaves)
         _check_leaves(items, what="leaves")
         positions = [leaf.position for leaf in items]
@@ -454,7 +456,6 @@ class SumTree:
         elif _check_depth(depth) < needed:
             raise DecodeError(f"depth {depth} has no slot for position {max(positions)}")
 
-        tree = cls(asset, depth=0)
         order = sorted(by_position)
         if order != positions:
             items = [by_position[position] for position in order]
@@ -866,15 +867,16 @@ def verify_inclusion(
     position, depth, siblings = proof.position, proof.depth, proof.siblings
     _check_position(position)
     _check_depth(depth)
-    if position >> depth or not isinstance(siblings, tuple) or len(siblings) != depth:
-        raise InvalidProof(
-            f"position {position}, depth {depth} and {len(siblings)} siblings disagree"
-        )
+    if not isinstance(siblings, tuple) or len(siblings) != depth or position >> depth:
+        raise InvalidProof(f"position {position}, depth {depth} and the siblings disagree")
     digest = _leaf_digest(
         position, commitment, _asset_tag(proof.asset), check_units(proof.quantity)
     )
     current = proof.quantity
-    for height, (sibling_hash, sibling_sum) in enumerate(siblings):
+    for height, sibling in enumerate(siblings):
+        if not isinstance(sibling, tuple) or len(sibling) != 2:
+            raise InvalidProof(f"sibling {height} is not a (hash, sum) pair")
+        sibling_hash, sibling_sum = sibling
         _check_bytes(sibling_hash, what=f"sibling {height} hash", length=HASH_SIZE)
         check_units(sibling_sum, what=f"sibling {height} sum")
         if (position >> height) & 1:

@@ -110,6 +110,13 @@ def require_int(value: object, *, what: str, low: int, high: int) -> int:
     return value
 
 
+def require_version(value: object, *, expected: int, what: str) -> int:
+    """The integer ``expected`` exactly: ``true`` and ``1.0`` are not version 1."""
+    if type(value) is not int or value != expected:
+        raise DecodeError(f"{what} version {str(value)[:20]!r} unsupported (expected {expected})")
+    return value
+
+
 def require_members(obj: object, *, what: str, keys: frozenset[str]) -> Mapping[str, Any]:
     """A JSON object with exactly ``keys`` as members: unknown members are rejected, so nothing
     unsigned or unexpected rides along."""
@@ -243,8 +250,7 @@ class Statement:
     version: int = STATEMENT_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != STATEMENT_VERSION:
-            raise DecodeError(f"statement version {self.version!r} is not {STATEMENT_VERSION}")
+        require_version(self.version, expected=STATEMENT_VERSION, what="statement")
         validate_party(self.custodian, what="custodian")
         validate_party(self.exchange, what="exchange")
         if self.custodian == self.exchange:
@@ -312,10 +318,9 @@ class Statement:
     @classmethod
     def from_wire(cls, obj: object) -> Statement:
         m = require_members(obj, what="statement", keys=_STATEMENT_KEYS)
-        if m["version"] != STATEMENT_VERSION or isinstance(m["version"], bool):
-            raise DecodeError(f"statement version {str(m['version'])[:20]!r} is not supported")
+        require_version(m["version"], expected=STATEMENT_VERSION, what="statement")
         kind_text = m["kind"]
-        if kind_text not in {k.value for k in StatementKind}:
+        if not isinstance(kind_text, str) or kind_text not in {k.value for k in StatementKind}:
             raise DecodeError(f"kind {str(kind_text)[:20]!r} is not snapshot or delta")
         assets = require_list(m["assets"], what="assets", max_items=MAX_ASSETS)
         prices = require_list(m["prices"], what="prices", max_items=MAX_PRICES)
@@ -420,8 +425,7 @@ class SignedStatement:
     version: int = SIGNED_STATEMENT_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != SIGNED_STATEMENT_VERSION:
-            raise DecodeError(f"signed statement version {self.version!r} is not supported")
+        require_version(self.version, expected=SIGNED_STATEMENT_VERSION, what="signed statement")
         if not isinstance(self.statement, Statement):
             raise DecodeError("statement must be a Statement")
         if not isinstance(self.custodian_signature, CustodianSignature):
@@ -448,8 +452,7 @@ class SignedStatement:
     @classmethod
     def from_wire(cls, obj: object) -> SignedStatement:
         m = require_members(obj, what="signed statement", keys=_SIGNED_KEYS)
-        if m["version"] != SIGNED_STATEMENT_VERSION or isinstance(m["version"], bool):
-            raise DecodeError(f"signed statement version {str(m['version'])[:20]!r} unsupported")
+        require_version(m["version"], expected=SIGNED_STATEMENT_VERSION, what="signed statement")
         return cls(
             statement=Statement.from_wire(m["statement"]),
             custodian_signature=CustodianSignature.from_wire(m["custodian_signature"]),

@@ -42,7 +42,6 @@ from attestations.errors import (
     RootMismatch,
     SequenceGap,
     SequenceReplay,
-    SumMismatch,
 )
 from attestations.keys import KeyRegistry, KeyRole
 from attestations.merkle import SumTree
@@ -215,17 +214,9 @@ def verify_roots(statement: Statement, *, trees: Mapping[str, SumTree]) -> None:
         )
     for asset_root in statement.assets:
         tree = trees[asset_root.asset]
-        if tree.total != asset_root.total:
-            raise SumMismatch(
-                f"{asset_root.asset}: statement total {asset_root.total}, leaves sum {tree.total}"
-            )
-        if tree.count != asset_root.count:
+        if tree.depth != asset_root.depth:
             raise RootMismatch(
-                f"{asset_root.asset}: statement count {asset_root.count}, {tree.count} leaves"
+                f"{asset_root.asset}: statement depth {asset_root.depth}, disclosed tree depth "
+                f"{tree.depth}"
             )
-        if tree.depth != asset_root.depth or tree.root != asset_root.root:
-            raise RootMismatch(
-                f"{asset_root.asset}: statement root {asset_root.root.hex()[:16]} (depth "
-                f"{asset_root.depth}) is not the root of the disclosed leaves "
-                f"{tree.root.hex()[:16]} (depth {tree.depth})"
-            )
+        tree.verify_head(root=asset_root.root, total=asset_root.total, count=asset_root.count)

@@ -81,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BridgeError as exc:
         print(f"mcb: {type(exc).__name__} ({exc.reason}): {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"mcb: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 2
     return status
 
 

@@ -117,9 +117,6 @@ class _Custodian:
         self.salt_secret = secrets.token_bytes(32)
         self.positions: dict[tuple[str, str], int] = {}
         self.log = TransparencyLog(log_path)
-        if self.log.size:
-            self.log.close()
-            raise SystemExit(f"{log_path} already holds a log; use a fresh --workdir")
         self.previous = GENESIS_PREVIOUS
         self.trees: dict[str, SumTree] = {}
 
@@ -163,8 +160,21 @@ def run_demo(
     workdir: Path, *, software_key: bool = False, say: Callable[[str], None] = print
 ) -> DemoResult:
     workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "transparency-log.sqlite3"
+    if log_path.exists():
+        raise SystemExit(f"{log_path} already exists; use a fresh --workdir")
     start = truncate_to_millis(datetime.now(UTC))
     signer = open_custodian_signer(workdir, software_key=software_key, say=say)
+    try:
+        return _run(workdir, signer, start=start, say=say)
+    finally:
+        if isinstance(signer, Pkcs11Signer):
+            signer.close()
+
+
+def _run(
+    workdir: Path, signer: DigestSigner, *, start: datetime, say: Callable[[str], None]
+) -> DemoResult:
     cosigners = [BlsCosigner.from_seed(secrets.token_bytes(32)) for _ in range(3)]
     registry = build_registry(signer, cosigners, valid_from=start - timedelta(minutes=1))
     say(
@@ -244,8 +254,6 @@ def run_demo(
         f"mcb verify-proof --statement {workdir}/statement.json --registry "
         f"{workdir}/registry.json --proof {workdir}/client-proof.json"
     )
-    if isinstance(signer, Pkcs11Signer):
-        signer.close()
     return DemoResult(
         heads=tuple(v.head for v in verified),
         client_account=account,

@@ -47,7 +47,10 @@ def prepare_softhsm(directory: Path, *, library_path: str = DEFAULT_LIBRARY) -> 
     token_dir.mkdir(parents=True, exist_ok=True)
     conf_path = directory / "softhsm2.conf"
     conf_path.write_text(
-        f"directories.tokendir = {token_dir}\nobjectstore.backend = file\nlog.level = ERROR\n",
+        f"directories.tokendir = {token_dir}\n"
+        "objectstore.backend = file\n"
+        "log.level = ERROR\n"
+        "slots.removable = false\n",
         encoding="utf-8",
     )
     os.environ["SOFTHSM2_CONF"] = str(conf_path)
@@ -68,7 +71,9 @@ def init_token(softhsm: SoftHsm, *, label: str, pin: str, so_pin: str) -> None:
         so_pin,
     ]
     env = {**os.environ, "SOFTHSM2_CONF": str(softhsm.conf_path)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)  # noqa: S603 - fixed argv, no shell
+    result = subprocess.run(  # noqa: S603 - fixed argv, no shell
+        command, capture_output=True, text=True, env=env, check=False, timeout=60
+    )
     if result.returncode != 0:
         raise ConfigurationError(
             f"softhsm2-util could not create token {label!r}: {result.stderr.strip()}"

@@ -33,7 +33,7 @@ from attestations.errors import (
 )
 from attestations.hsm import Pkcs11Signer, generate_p256_key, reinitialize_library
 from attestations.p256 import DigestSigner, verify_p256_digest
-from tests.softhsm import SoftHsm
+from mcb.softhsm import SoftHsm
 
 pytestmark = pytest.mark.softhsm
 

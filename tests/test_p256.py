@@ -126,7 +126,7 @@ def test_any_digest_round_trips(digest: bytes) -> None:
 
 def test_high_s_twin_also_verifies() -> None:
     # ECDSA signatures are malleable: (r, n - s) is valid whenever (r, s) is. Documented in
-    # docs/parts/signatures-p256.md; statements are identified by digest, never by signature.
+    # docs/protocol.md section 5.1; statements are identified by digest, never by signature.
     r = int.from_bytes(RFC6979_SIGNATURE[:32], "big")
     s = int.from_bytes(RFC6979_SIGNATURE[32:], "big")
     verify_p256_digest(
