@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from attestations.canonical import parse_json_object
@@ -23,7 +24,8 @@ from mcb.demo import run_demo
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(Path(args.workdir), software_key=args.software_key)
+    workdir = args.workdir or f"var/demo/{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    run_demo(Path(workdir), software_key=args.software_key)
     return 0
 
 
@@ -54,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the end-to-end flow on the embedded default")
-    demo.add_argument("--workdir", default="var/demo", help="where the token and log live")
+    demo.add_argument(
+        "--workdir",
+        default=None,
+        help="a new directory for the token, log and output files (default: var/demo/<time>)",
+    )
     demo.add_argument(
         "--software-key",
         action="store_true",

@@ -246,7 +246,8 @@ def _run(
     say(json.dumps(client_proof.to_wire(), indent=2, sort_keys=True))
     quantity = verify_client_proof(client_proof, statement=latest.statement)
     say(
-        f"CLIENT    proof verified: {account} has {format_decimal(quantity, decimals=8)} {asset} "
+        f"CLIENT    proof verified: {account} has "
+        f"{format_decimal(quantity, decimals=DECIMALS[asset])} {asset} "
         f"counted in statement #{client_proof.sequence}"
     )
     say(
