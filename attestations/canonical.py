@@ -28,6 +28,8 @@ MAX_SAFE_INTEGER: Final = 2**53 - 1
 MAX_MESSAGE_BYTES: Final = 1_000_000
 """Default bound for one JSON document read from the wire (the broker's default message limit)."""
 MAX_NESTING: Final = 32
+"""Deepest container allowed; the top-level object is at depth 1."""
+_MAX_INT_DIGITS: Final = len(str(MAX_SAFE_INTEGER))
 
 DOMAIN_STATEMENT: Final = "mcb/statement/v1"
 DOMAIN_TREE_HEAD: Final = "mcb/tree-head/v1"
@@ -35,6 +37,9 @@ DOMAIN_KEY_ID: Final = "mcb/key/v1"
 
 _DOMAIN_RE: Final = re.compile(r"mcb/[a-z0-9-]+/v[0-9]+")
 _HEX_RE: Final = re.compile(r"[0-9a-f]*")
+# A whole JSON string (escapes included, closing quote optional so an unterminated one cannot make
+# the scan backtrack) or one bracket. The string branch is the unrolled loop, which is linear.
+_STRUCTURE_RE: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?|[{}\[\]]', re.DOTALL)
 _TIMESTAMP_RE: Final = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z"
 )
@@ -111,21 +116,82 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_json_object(data: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+def _check_nesting(text: str) -> None:
+    """Reject ``text`` if any container is nested deeper than MAX_NESTING, before it is parsed.
+
+    json's scanner recurses once per container, and py_ecc raises the interpreter's recursion limit
+    to 100000 on import, so a 200 KB document of brackets overflows the C stack (SIGSEGV) instead
+    of raising RecursionError. This scan is linear and does not recurse. It counts ``{`` and ``[``
+    outside strings only; it does not validate the JSON, which json.loads does next (an
+    unterminated string swallows the rest of the text here, and json.loads rejects it)."""
+    depth = 0
+    for match in _STRUCTURE_RE.finditer(text):
+        first = match.group()[0]
+        if first in "{[":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise DecodeError(f"JSON containers nested deeper than {MAX_NESTING}")
+        elif first in "}]":
+            depth -= 1
+            if depth < 0:
+                raise DecodeError(f"not valid JSON: unmatched {first!r} at {match.start()}")
+
+
+def _parse_int(text: str) -> int:
+    # Bound the literal before int() sees it: int() refuses more than 4300 digits with a bare
+    # ValueError and is quadratic below that. The range itself is checked by _check_json_value.
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise DecodeError(f"JSON integer {text[:32]}... outside the interoperable JSON range")
+    return int(text)
+
+
+def _decode_document(data: object, *, max_bytes: int) -> str:
+    """The text of one wire document: bytes (or a bytes-like buffer) as UTF-8, or a str that must
+    itself be encodable as UTF-8, no more than ``max_bytes`` bytes either way."""
+    if isinstance(data, str):
+        # A str of n code points encodes to at least n bytes: refuse a huge one before encoding.
+        size = len(data)
+    elif isinstance(data, memoryview):
+        size = data.nbytes
+    elif isinstance(data, bytes | bytearray):
+        size = len(data)
+    else:
+        raise DecodeError(f"a JSON document must be bytes or str, not {type(data).__name__}")
+    if size > max_bytes:
+        raise DecodeError(f"document of {size} bytes exceeds the limit of {max_bytes}")
+    try:
+        if isinstance(data, str):
+            size = len(data.encode("utf-8"))  # a lone surrogate is not UTF-8
+            text = data
+        else:
+            text = bytes(data).decode("utf-8")
+    except UnicodeError as exc:
+        raise DecodeError(f"not valid UTF-8: {exc}") from exc
+    if size > max_bytes:
+        raise DecodeError(f"document of {size} bytes exceeds the limit of {max_bytes}")
+    return text
+
+
+def parse_json_object(
+    data: bytes | bytearray | memoryview | str, *, max_bytes: int = MAX_MESSAGE_BYTES
+) -> dict[str, Any]:
     """Strictly parse one JSON object from the wire: UTF-8, bounded size, no duplicate keys, no
     floats, no NaN/Infinity, integers in the interoperable range, bounded nesting."""
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    if len(raw) > max_bytes:
-        raise DecodeError(f"document of {len(raw)} bytes exceeds the limit of {max_bytes}")
+    text = _decode_document(data, max_bytes=max_bytes)
+    _check_nesting(text)
     try:
-        text = raw.decode("utf-8")
         obj = json.loads(
             text,
             object_pairs_hook=_unique_keys,
             parse_float=_reject_float,
+            parse_int=_parse_int,
             parse_constant=_reject_constant,
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except DecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError is a ValueError; any other ValueError from the json module is wrapped
+        # too, so callers only ever see DecodeError.
         raise DecodeError(f"not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise DecodeError(f"expected a JSON object, got {type(obj).__name__}")

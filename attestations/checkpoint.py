@@ -13,7 +13,7 @@ Pure: verification takes the key registry; nothing here reads a clock or a file.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from attestations.canonical import (
@@ -26,7 +26,7 @@ from attestations.canonical import (
     parse_json_object,
     parse_timestamp,
 )
-from attestations.errors import DecodeError
+from attestations.errors import DecodeError, FutureDated, SplitView
 from attestations.keys import KeyRegistry, KeyRole
 from attestations.p256 import DigestSigner, verify_p256_digest
 from attestations.signing import sign_digest_checked
@@ -45,6 +45,7 @@ from attestations.translog import (
     TreeHead,
     detect_split_view,
 )
+from attestations.verify import DEFAULT_MAX_CLOCK_SKEW
 
 CHECKPOINT_VERSION: Final = 1
 _CHECKPOINT_KEYS: Final = frozenset({"custodian", "issued_at", "log", "root", "size", "version"})
@@ -144,12 +145,25 @@ def sign_checkpoint(checkpoint: Checkpoint, *, signer: DigestSigner) -> SignedCh
     return SignedCheckpoint(checkpoint=checkpoint, key_id=signer.key_id, signature=signature)
 
 
-def verify_checkpoint(signed: SignedCheckpoint, *, registry: KeyRegistry) -> Checkpoint:
-    """The checkpoint if the custodian's key, usable at ``issued_at``, signed it; else raise
-    UnknownKey / RevokedKey / KeyNotValid / BadSignature."""
+def verify_checkpoint(
+    signed: SignedCheckpoint,
+    *,
+    registry: KeyRegistry,
+    now: datetime,
+    max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
+) -> Checkpoint:
+    """The checkpoint if the custodian's key, usable at ``issued_at`` and ``now``, signed it and
+    it is not dated in the future; else raise UnknownKey / RevokedKey / KeyNotValid /
+    BadSignature / FutureDated."""
     checkpoint = signed.checkpoint
+    if checkpoint.issued_at > now + max_clock_skew:
+        raise FutureDated(f"checkpoint dated {format_timestamp(checkpoint.issued_at)} is ahead")
     record = registry.resolve(
-        signed.key_id, owner=checkpoint.custodian, role=KeyRole.CUSTODIAN, at=checkpoint.issued_at
+        signed.key_id,
+        principal=checkpoint.custodian,
+        role=KeyRole.CUSTODIAN,
+        at=checkpoint.issued_at,
+        now=now,
     )
     verify_p256_digest(
         public_key=record.public_key,
@@ -165,12 +179,21 @@ def verify_same_history(
     *,
     registry: KeyRegistry,
     proof: LogConsistencyProof | None,
+    now: datetime,
 ) -> None:
     """Two parties' checkpoints of one log must describe one history. Both signatures are checked
     first, so a :class:`~attestations.errors.SplitView` raised here is backed by two checkpoints
-    the custodian signed: evidence, not an accusation."""
-    a = verify_checkpoint(first, registry=registry)
-    b = verify_checkpoint(second, registry=registry)
+    the custodian signed: evidence, not an accusation. A log only grows: a checkpoint issued
+    later with fewer entries is a rolled-back view, also a split view."""
+    a = verify_checkpoint(first, registry=registry, now=now)
+    b = verify_checkpoint(second, registry=registry, now=now)
     if (a.custodian, a.log) != (b.custodian, b.log):
         raise DecodeError("the checkpoints are of different logs")
+    earlier, later = (a, b) if a.issued_at <= b.issued_at else (b, a)
+    if later.head.size < earlier.head.size:
+        raise SplitView(
+            f"log {a.log} of {a.custodian} shrank from {earlier.head.size} entries at "
+            f"{format_timestamp(earlier.issued_at)} to {later.head.size} at "
+            f"{format_timestamp(later.issued_at)}"
+        )
     detect_split_view(seen_by_a=a.head, seen_by_b=b.head, proof=proof)

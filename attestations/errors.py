@@ -68,7 +68,8 @@ class RevokedKey(AttestationError):
 
 
 class KeyNotValid(AttestationError):
-    """The key exists but was used outside its validity window or for a role it does not have."""
+    """The key exists but signed something dated outside its validity window. (A key of another
+    role or party is an UnknownKey: it is not a key of what was asked for.)"""
 
     reason = "key_not_valid"
 
@@ -89,8 +90,8 @@ class BadSignature(AttestationError):
 
 
 class SequenceReplay(AttestationError):
-    """A statement whose sequence is not newer than the last accepted one (and identical to it or
-    to an older one)."""
+    """A statement whose sequence is not newer than the last accepted one. When the receiver knows
+    the digest it accepted at that sequence, a *different* statement there is a ForkDetected."""
 
     reason = "sequence_replay"
 
@@ -112,6 +113,19 @@ class BrokenChain(AttestationError):
     """The previous-statement hash does not match, or the chain's time runs backwards."""
 
     reason = "broken_chain"
+
+
+class WrongStream(AttestationError):
+    """A statement (or disclosure) of another (custodian, exchange) stream than the receiver's."""
+
+    reason = "wrong_stream"
+
+
+class PolicyViolation(AttestationError):
+    """Validly signed, but outside the receiver's policy: a lifetime longer than allowed, asset
+    decimals that differ from the receiver's asset table, a price observed in the future."""
+
+    reason = "policy_violation"
 
 
 class Expired(AttestationError):

@@ -25,6 +25,8 @@ library cannot be loaded, no token with that label    :class:`TokenNotFound`
 user PIN rejected                                     :class:`WrongPin`
 no key pair with that label                           :class:`SigningKeyNotFound`
 key pair unusable (not P-256, extractable, ...)       :class:`ConfigurationError`
+key ever extractable or not generated on the token    :class:`ConfigurationError`
+token does not report a key attribute we check        :class:`ConfigurationError`
 device error while signing                            :class:`TokenUnavailable`
 the token produced a signature that does not verify   :class:`InvariantViolation`
 ====================================================  ===============================
@@ -120,6 +122,9 @@ _GENERATION_REFUSED: Final = (
     p11.FunctionNotSupported,
     p11.SessionReadOnly,
 )
+# A key attribute the token will not report: it does not know the attribute or hides it. Asking
+# again cannot change that, so it is a configuration problem, not a retriable one.
+_ATTRIBUTE_UNREPORTED: Final = (p11.AttributeTypeInvalid, p11.AttributeSensitive)
 
 
 # --- helpers (all called with _PKCS11_LOCK held) ------------------------------------------------
@@ -238,20 +243,46 @@ def _decode_ec_point(value: object, *, key_label: str) -> bytes:
     return point
 
 
+def _read_attributes(
+    obj: Object, attributes: list[Attribute], *, what: str
+) -> dict[Attribute, Any]:
+    """The values of ``attributes`` of ``obj``, every one of them reported by the token.
+
+    python-pkcs11 raises AttributeTypeInvalid (or AttributeSensitive) only when the token reports
+    none of the attributes asked for, and otherwise leaves the unreported ones out of the dict.
+    Both become :class:`ConfigurationError`: a key whose properties cannot be read cannot be
+    shown to stay inside the token."""
+    try:
+        values = obj.get_attributes(attributes)
+    except _ATTRIBUTE_UNREPORTED as exc:
+        names = ", ".join(attribute.name for attribute in attributes)
+        raise ConfigurationError(
+            f"the token does not report {names} of {what} ({type(exc).__name__})"
+        ) from exc
+    if missing := [attribute.name for attribute in attributes if attribute not in values]:
+        raise ConfigurationError(f"the token does not report {', '.join(missing)} of {what}")
+    return values
+
+
 def _load_key_pair(session: Session, *, key_label: str) -> tuple[SignMixin, bytes]:
-    """Find the key pair, check it is a P-256 signing key kept inside the token, and return the
-    private key object and the 65-byte public key."""
+    """Find the key pair, check it is a P-256 signing key that was generated on the token and
+    never left it, and return the private key object and the 65-byte public key."""
     private = _find_one(session, object_class=ObjectClass.PRIVATE_KEY, key_label=key_label)
     public = _find_one(session, object_class=ObjectClass.PUBLIC_KEY, key_label=key_label)
-    attrs = private.get_attributes(
+    attrs = _read_attributes(
+        private,
         [
             Attribute.KEY_TYPE,
             Attribute.EC_PARAMS,
             Attribute.SIGN,
             Attribute.SENSITIVE,
             Attribute.EXTRACTABLE,
+            Attribute.ALWAYS_SENSITIVE,
+            Attribute.NEVER_EXTRACTABLE,
+            Attribute.LOCAL,
             Attribute.ALWAYS_AUTHENTICATE,
-        ]
+        ],
+        what=f"private key {key_label!r}",
     )
     if attrs[Attribute.KEY_TYPE] != KeyType.EC or attrs[Attribute.EC_PARAMS] != P256_EC_PARAMS:
         raise ConfigurationError(f"key {key_label!r} is not an EC P-256 key")
@@ -262,12 +293,24 @@ def _load_key_pair(session: Session, *, key_label: str) -> tuple[SignMixin, byte
             f"key {key_label!r} can leave the token (CKA_SENSITIVE must be true and "
             "CKA_EXTRACTABLE false); refusing to sign with it"
         )
+    # Locked now is not enough: a key that was once extractable or not sensitive, or that was
+    # imported (or unwrapped) rather than generated on the token, may have a copy outside it.
+    # The token sets these three itself and never turns them back to true.
+    history = (Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE, Attribute.LOCAL)
+    if wrong := [attribute.name for attribute in history if attrs[attribute] is not True]:
+        raise ConfigurationError(
+            f"key {key_label!r} may exist outside the token: CKA_{', CKA_'.join(wrong)} "
+            "false (it was extractable or not sensitive at some time, or was imported rather "
+            "than generated on the token); refusing to sign with it"
+        )
     if attrs[Attribute.ALWAYS_AUTHENTICATE] is not False:
         raise ConfigurationError(
             f"key {key_label!r} needs a PIN for every signature (CKA_ALWAYS_AUTHENTICATE), "
             "which this signer does not support"
         )
-    public_attrs = public.get_attributes([Attribute.EC_PARAMS, Attribute.EC_POINT])
+    public_attrs = _read_attributes(
+        public, [Attribute.EC_PARAMS, Attribute.EC_POINT], what=f"public key {key_label!r}"
+    )
     if public_attrs[Attribute.EC_PARAMS] != P256_EC_PARAMS:
         raise ConfigurationError(f"public key {key_label!r} is not a P-256 key")
     point = _decode_ec_point(public_attrs[Attribute.EC_POINT], key_label=key_label)
@@ -433,7 +476,7 @@ def _check_generated(private: PrivateKey, *, key_label: str) -> None:
         Attribute.LOCAL: True,
         Attribute.SIGN: True,
     }
-    actual = private.get_attributes(list(expected))
+    actual = _read_attributes(private, list(expected), what=f"the new key {key_label!r}")
     wrong = sorted(attr.name for attr, value in expected.items() if actual.get(attr) is not value)
     if wrong:
         raise ConfigurationError(
@@ -520,8 +563,10 @@ class Pkcs11Signer:
         """Log in to the token labelled ``token_label`` and find the key pair ``key_label``.
 
         Raises :class:`TokenNotFound`, :class:`WrongPin`, :class:`SigningKeyNotFound`, or
-        :class:`ConfigurationError` when the key is not a P-256 signing key that stays inside
-        the token or its two halves do not match.
+        :class:`ConfigurationError` when the key is not a P-256 signing key that was generated
+        on the token and never left it (``CKA_SENSITIVE``, ``CKA_ALWAYS_SENSITIVE``,
+        ``CKA_NEVER_EXTRACTABLE`` and ``CKA_LOCAL`` true, ``CKA_EXTRACTABLE`` false), when the
+        token does not report one of those attributes, or when its two halves do not match.
         """
         _require_text(library_path, name="library_path")
         _require_text(token_label, name="token_label")

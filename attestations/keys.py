@@ -1,7 +1,10 @@
 """Key registry: which public keys may sign what, for whom, and when.
 
-Each :class:`KeyRecord` names the party it signs for (``owner``), its :class:`KeyRole`, the
-algorithm and public key, a validity window and an optional revocation time. The registry is the
+Each :class:`KeyRecord` names the party that holds the key (``owner``), its :class:`KeyRole`, the
+algorithm and public key, a validity window and an optional revocation time. A co-signer key also
+names the custodian whose statements it co-signs (``signs_for``); a quorum counts distinct
+co-signer parties, not keys, so a rotation overlap or a second key of one co-signer never counts
+twice. The registry is the
 verifier's trust configuration (an exchange loads it at onboarding); it is plain data, checked on
 registration:
 
@@ -10,8 +13,9 @@ registration:
 * a P-256 key must be a valid point on the curve.
 
 Rotation registers the new key and closes the old key's window (optionally with an overlap);
-revocation marks the moment after which anything the key signs is rejected. Time is always passed
-in (``at``), never read from a clock.
+revocation marks the moment from which the key is rejected: for anything dated at or after it,
+and for anything at all once the verifier's clock has passed it (so a revoked key cannot back-date
+a statement into acceptance). Time is always passed in, never read from a clock.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ _RECORD_KEYS: Final = frozenset(
         "public_key",
         "revoked_at",
         "role",
+        "signs_for",
         "valid_from",
         "valid_until",
     }
@@ -88,11 +93,18 @@ class KeyRecord:
     valid_until: datetime | None = None
     revoked_at: datetime | None = None
     proof_of_possession: bytes | None = None
+    signs_for: str | None = None
 
     def __post_init__(self) -> None:
         validate_party(self.owner, what="key owner")
         if not isinstance(self.role, KeyRole):
             raise DecodeError(f"role {self.role!r} is not a KeyRole")
+        if self.role is KeyRole.COSIGNER:
+            validate_party(self.signs_for, what="signs_for (the custodian co-signed for)")
+            if self.signs_for == self.owner:
+                raise DecodeError("a custodian cannot be its own co-signer")
+        elif self.signs_for is not None:
+            raise DecodeError("signs_for applies to co-signer keys only")
         expected = _PUBLIC_KEY_LENGTH[self.algorithm]
         if not isinstance(self.public_key, bytes) or len(self.public_key) != expected:
             raise DecodeError(f"{self.algorithm} public key must be {expected} bytes")
@@ -117,13 +129,21 @@ class KeyRecord:
     def key_id(self) -> str:
         return compute_key_id(algorithm=self.algorithm, public_key=self.public_key)
 
-    def check_usable(self, *, at: datetime) -> None:
-        """Raise unless the key may sign something dated ``at``."""
+    @property
+    def principal(self) -> str:
+        """The party whose objects this key signs: the custodian for a co-signer key, else the
+        owner."""
+        return self.signs_for if self.signs_for is not None else self.owner
+
+    def check_usable(self, *, at: datetime, now: datetime) -> None:
+        """Raise unless the key may sign something dated ``at``, verified at ``now``."""
         require_utc(at, what="signing time")
-        if self.revoked_at is not None and at >= self.revoked_at:
+        require_utc(now, what="verification time")
+        if self.revoked_at is not None and (at >= self.revoked_at or now >= self.revoked_at):
             raise RevokedKey(
                 f"key {self.key_id[:16]} of {self.owner} was revoked at "
-                f"{format_timestamp(self.revoked_at)}; used at {format_timestamp(at)}"
+                f"{format_timestamp(self.revoked_at)}; used at {format_timestamp(at)}, "
+                f"verified at {format_timestamp(now)}"
             )
         if at < self.valid_from or (self.valid_until is not None and at >= self.valid_until):
             raise KeyNotValid(
@@ -141,6 +161,7 @@ class KeyRecord:
             "public_key": self.public_key.hex(),
             "revoked_at": None if self.revoked_at is None else format_timestamp(self.revoked_at),
             "role": self.role.value,
+            "signs_for": self.signs_for,
             "valid_from": format_timestamp(self.valid_from),
             "valid_until": None if self.valid_until is None else format_timestamp(self.valid_until),
         }
@@ -165,6 +186,9 @@ class KeyRecord:
             valid_until=None if m["valid_until"] is None else parse_timestamp(m["valid_until"]),
             revoked_at=None if m["revoked_at"] is None else parse_timestamp(m["revoked_at"]),
             proof_of_possession=None if pop is None else parse_hex(pop, length=96, what="pop"),
+            signs_for=None
+            if m["signs_for"] is None
+            else validate_party(m["signs_for"], what="signs_for"),
         )
         if m["key_id"] != record.key_id:
             raise DecodeError(f"key id {str(m['key_id'])[:70]!r} does not match the public key")
@@ -207,8 +231,10 @@ class KeyRegistry:
     ) -> KeyRecord:
         """Register ``new`` and end ``old``'s window at ``new.valid_from + overlap``."""
         old = self._get(old_key_id)
-        if (new.owner, new.role) != (old.owner, old.role):
-            raise ConfigurationError("a rotation keeps the owner and role of the old key")
+        if (new.owner, new.role, new.signs_for) != (old.owner, old.role, old.signs_for):
+            raise ConfigurationError(
+                "a rotation keeps the owner, role and signs_for of the old key"
+            )
         if overlap < timedelta(0):
             raise ConfigurationError("rotation overlap cannot be negative")
         end = new.valid_from + overlap
@@ -236,12 +262,15 @@ class KeyRegistry:
             raise UnknownKey(f"key {str(key_id)[:16]} is not registered")
         return record
 
-    def resolve(self, key_id: str, *, owner: str, role: KeyRole, at: datetime) -> KeyRecord:
-        """The record of ``key_id`` if it may sign for ``owner`` in ``role`` at ``at``."""
+    def resolve(
+        self, key_id: str, *, principal: str, role: KeyRole, at: datetime, now: datetime
+    ) -> KeyRecord:
+        """The record of ``key_id`` if it may sign, in ``role``, for ``principal`` (see
+        :attr:`KeyRecord.principal`) something dated ``at``, verified at ``now``."""
         record = self._get(key_id)
-        if record.owner != owner or record.role is not role:
-            raise UnknownKey(f"key {key_id[:16]} is not a {role.value} key of {owner}")
-        record.check_usable(at=at)
+        if record.principal != principal or record.role is not role:
+            raise UnknownKey(f"key {key_id[:16]} is not a {role.value} key for {principal}")
+        record.check_usable(at=at, now=now)
         return record
 
     def quorum_threshold(self, custodian: str) -> int:

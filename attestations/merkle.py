@@ -2,7 +2,8 @@
 
 What this module does: the byte layouts of account commitments, leaves, interior nodes and empty
 slots (docs/protocol.md, "Merkle sum tree"); :class:`SumTree`, a fixed-shape tree addressed by
-stable leaf positions that is built in one pass and updated in O(k log n) for k changed leaves;
+stable leaf positions that is built in one pass and updated in O(k log n) for k changed leaves, in
+two steps (:meth:`SumTree.plan_update` checks and computes, :meth:`TreeUpdate.apply` commits);
 :class:`InclusionProof` with its strict wire form; and :func:`verify_inclusion`, the check a client
 runs on its own leaf.
 
@@ -62,6 +63,7 @@ __all__ = [
     "InclusionProof",
     "Leaf",
     "SumTree",
+    "TreeUpdate",
     "compute_account_commitment",
     "compute_leaf_hash",
     "compute_node",
@@ -412,10 +414,13 @@ class SumTree:
     never makes the tree shallower (clearing the last leaf keeps the depth), because a shape that
     changed under a client's feet would invalidate proofs of leaves that did not move.
 
+    :meth:`TreeUpdate.apply` is the only way a tree changes once built; :meth:`update` is
+    :meth:`plan_update` followed by it.
+
     Not thread-safe: callers that share one tree between threads serialize access to it.
     """
 
-    __slots__ = ("_asset", "_depth", "_leaves", "_levels", "_owners", "_tag")
+    __slots__ = ("_asset", "_depth", "_leaves", "_levels", "_owners", "_tag", "_version")
 
     def __init__(self, asset: str, *, depth: int = 0) -> None:
         self._asset = validate_asset_code(asset)
@@ -425,6 +430,9 @@ class SumTree:
         self._leaves: dict[int, Leaf] = {}
         # commitment -> position: one account, one leaf.
         self._owners: dict[bytes, int] = {}
+        # Counts applied updates, so that a TreeUpdate can tell whether the tree it was computed
+        # from is still the tree it would change.
+        self._version = 0
 
     @classmethod
     def build(cls, asset: str, leaves: Iterable[Leaf], *, depth: int | None = None) -> SumTree:
@@ -562,14 +570,35 @@ class SumTree:
         expect_total: int | None = None,
         expect_count: int | None = None,
     ) -> None:
-        """Put ``set_leaves`` into their slots (adding or replacing) and empty the slots at
-        ``clear_positions``, in O(k * depth) hashes for k changes.
+        """``plan_update(...).apply()``: check the change and, only if every check passes, make
+        it. On any error the tree is left as it was."""
+        self.plan_update(
+            set_leaves=set_leaves,
+            clear_positions=clear_positions,
+            expect_root=expect_root,
+            expect_total=expect_total,
+            expect_count=expect_count,
+        ).apply()
+
+    def plan_update(
+        self,
+        *,
+        set_leaves: Iterable[Leaf] = (),
+        clear_positions: Iterable[int] = (),
+        expect_root: bytes | None = None,
+        expect_total: int | None = None,
+        expect_count: int | None = None,
+    ) -> TreeUpdate:
+        """Check the change that puts ``set_leaves`` into their slots (adding or replacing) and
+        empties the slots at ``clear_positions``, and compute every node it changes, in
+        O(k * depth) hashes for k changes. The tree itself is not changed: the returned
+        :class:`TreeUpdate` tells the new root, total, count and depth, and its
+        :meth:`~TreeUpdate.apply` makes the change.
 
         The depth grows to the smallest one that has a slot for every set position; it never
         shrinks. If ``expect_root``/``expect_total``/``expect_count`` are given, the new tree must
         match them (RootMismatch / SumMismatch), which is how a receiver checks a delta.
 
-        Everything is checked before anything changes: on any error the tree is left as it was.
         Raises DuplicateLeaf (a position set twice, set and cleared, or a commitment that would be
         used by two leaves), DecodeError (a cleared slot that holds no leaf, malformed input),
         SumOverflow (the new total does not fit in 128 bits).
@@ -593,24 +622,45 @@ class SumTree:
         root, root_total = overlays[depth].get(0) or levels[depth].get(0)
         if root_total != new_total:
             raise InvariantViolation(f"root sum {root_total} differs from the total {new_total}")
+        count = len(self._leaves) - len(released) + len(new_leaves)
         _compare_head(
             asset=self._asset,
             root=root,
             total=new_total,
-            count=len(self._leaves) - len(released) + len(new_leaves),
+            count=count,
             expect_root=expect_root,
             expect_total=expect_total,
             expect_count=expect_count,
         )
+        return TreeUpdate(
+            _Plan(
+                tree=self,
+                version=self._version,
+                released=frozenset(released),
+                new_leaves=tuple(new_leaves),
+                levels=tuple(levels),
+                overlays=tuple(overlays),
+                root=root,
+                total=new_total,
+                count=count,
+                depth=depth,
+            )
+        )
 
-        # Commit. Nothing below can fail.
+    def _commit(self, plan: _Plan) -> None:
+        """Make the change ``plan`` describes. Nothing here can fail once the version matched."""
+        if plan.version != self._version:
+            raise InvariantViolation(
+                f"{self._asset}: the tree changed since this update was planned "
+                f"(version {plan.version}, now {self._version}); plan it again"
+            )
         leaves, owners = self._leaves, self._owners
-        for position in released:
+        for position in plan.released:
             del owners[leaves.pop(position).commitment]
-        for leaf in new_leaves:
+        for leaf in plan.new_leaves:
             leaves[leaf.position] = leaf
             owners[leaf.commitment] = leaf.position
-        for level, overlay in zip(levels, overlays, strict=True):
+        for level, overlay in zip(plan.levels, plan.overlays, strict=True):
             hashes, sums, size = level.hashes, level.sums, len(level.hashes)
             beyond = []
             for index, (digest, total) in overlay.items():
@@ -622,8 +672,9 @@ class SumTree:
             # In ascending order, so that a level's lists grow by appending.
             for index in sorted(beyond):
                 level.put(index, *overlay[index])
-        self._levels = levels
-        self._depth = depth
+        self._levels = list(plan.levels)
+        self._depth = plan.depth
+        self._version += 1
 
     def _check_changes(self, new_leaves: list[Leaf], clears: list[int]) -> tuple[set[int], int]:
         """Reject an inconsistent change set; return the positions whose current leaf goes away
@@ -716,6 +767,76 @@ class SumTree:
             overlays.append(above)
             changed = above
         return overlays
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Everything :meth:`SumTree.plan_update` worked out: the tree's version it was computed from,
+    the positions whose leaf goes away, the leaves that come in, every level (the tree's own ones
+    and any new ones above them) and the new nodes of each, by index."""
+
+    tree: SumTree
+    version: int
+    released: frozenset[int]
+    new_leaves: tuple[Leaf, ...]
+    levels: tuple[_Level, ...]
+    overlays: tuple[dict[int, tuple[bytes, int]], ...]
+    root: bytes
+    total: int
+    count: int
+    depth: int
+
+
+class TreeUpdate:
+    """A change of one :class:`SumTree` that has been checked in full and whose new nodes are all
+    computed, but that has not been made yet. Made by :meth:`SumTree.plan_update`.
+
+    ``root``, ``total``, ``count`` and ``depth`` are what the tree will have after :meth:`apply`.
+    This is what lets a receiver check a delta that spans several assets completely, every tree
+    and every expected head, before it changes any tree: plan all, then apply all.
+
+    A plan is tied to the state of its tree when it was made. :meth:`apply` raises
+    InvariantViolation if the tree changed since (another update was applied to it), and applies
+    at most once.
+    """
+
+    __slots__ = ("_applied", "_plan")
+
+    def __init__(self, plan: _Plan) -> None:
+        self._plan = plan
+        self._applied = False
+
+    @property
+    def asset(self) -> str:
+        return self._plan.tree.asset
+
+    @property
+    def root(self) -> bytes:
+        return self._plan.root
+
+    @property
+    def total(self) -> int:
+        return self._plan.total
+
+    @property
+    def count(self) -> int:
+        return self._plan.count
+
+    @property
+    def depth(self) -> int:
+        return self._plan.depth
+
+    @property
+    def applied(self) -> bool:
+        return self._applied
+
+    def apply(self) -> None:
+        """Change the tree as planned. Raises InvariantViolation, and changes nothing, if this
+        update was applied already or the tree was changed since it was planned."""
+        if self._applied:
+            raise InvariantViolation(f"{self.asset}: this tree update was applied already")
+        self._plan.tree._commit(self._plan)
+        self._applied = True
 
 
 def _compare_head(
@@ -845,28 +966,33 @@ def _sibling_from_wire(obj: object, height: int) -> tuple[bytes, int]:
 
 
 def verify_inclusion(
-    proof: InclusionProof, *, account: str, salt: bytes, root: bytes, total: int
+    proof: InclusionProof, *, account: str, salt: bytes, root: bytes, total: int, depth: int
 ) -> None:
     """Check that ``account`` (with its ``salt``) holds ``proof.quantity`` of ``proof.asset`` at
-    ``proof.position`` in the tree whose root is ``root`` and whose sum is ``total``.
+    ``proof.position`` in the tree of depth ``depth`` whose root is ``root`` and whose sum is
+    ``total``.
 
-    Returns None on success, raises otherwise: DecodeError for malformed arguments, NegativeSum /
-    SumOverflow if a sibling sum or any sum on the path is out of range, InvalidProof if the path
-    does not lead to ``root``, SumMismatch if it does but its sum is not ``total``.
+    Returns None on success, raises otherwise: DecodeError for malformed arguments, InvalidProof
+    if the proof is for a tree of another depth, NegativeSum / SumOverflow if a sibling sum or any
+    sum on the path is out of range, InvalidProof if the path does not lead to ``root``,
+    SumMismatch if it does but its sum is not ``total``.
 
-    The caller picks ``root`` and ``total`` from a verified statement for ``proof.asset`` and the
-    depth that statement declares; the proof alone says nothing about which statement it is for.
+    The caller takes ``root``, ``total`` and ``depth`` from the entry for ``proof.asset`` of a
+    statement whose signatures it verified; the proof alone says nothing about which statement it
+    is for. The depth is compared first, before anything else about the path.
     """
     if not isinstance(proof, InclusionProof):
         raise DecodeError(f"expected an InclusionProof, got {type(proof).__name__}")
+    _check_depth(depth)
+    if proof.depth != depth:
+        raise InvalidProof(f"proof depth {str(proof.depth)[:16]}, tree depth {depth}")
     _check_bytes(root, what="root", length=HASH_SIZE)
     check_units(total, what="total")
     commitment = compute_account_commitment(account=account, salt=salt)
     # The proof validated itself when it was made; check the shape again anyway, because a
     # frozen dataclass can still be altered with object.__setattr__.
-    position, depth, siblings = proof.position, proof.depth, proof.siblings
+    position, siblings = proof.position, proof.siblings
     _check_position(position)
-    _check_depth(depth)
     if not isinstance(siblings, tuple) or len(siblings) != depth or position >> depth:
         raise InvalidProof(f"position {position}, depth {depth} and the siblings disagree")
     digest = _leaf_digest(
@@ -895,11 +1021,11 @@ def verify_inclusion(
 
 
 def is_valid_inclusion(
-    proof: InclusionProof, *, account: str, salt: bytes, root: bytes, total: int
+    proof: InclusionProof, *, account: str, salt: bytes, root: bytes, total: int, depth: int
 ) -> bool:
     """:func:`verify_inclusion` as a bool: False for any proof or argument it rejects."""
     try:
-        verify_inclusion(proof, account=account, salt=salt, root=root, total=total)
+        verify_inclusion(proof, account=account, salt=salt, root=root, total=total, depth=depth)
     except CounterpartyError:
         return False
     return True

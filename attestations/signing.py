@@ -1,20 +1,34 @@
 """Producing a :class:`~attestations.statement.SignedStatement`: the custodian's P-256 signature
 plus the co-signers' aggregate BLS signature over one statement digest.
 
-Co-signers are independent parties: each checks the statement it is asked to co-sign (by its own
-policy) and returns a :class:`CoSignature`; the custodian aggregates the partial signatures. The
-:class:`BlsCosigner` here holds a secret key in memory and exists for co-signer services, tests
-and the demo; it signs only digests handed to it.
+Co-signers are independent parties. A :class:`Cosigner` checks each statement it is asked to
+co-sign against its own view of the stream - fresh, not expiring later than policy allows, and the
+exact successor of the last statement it co-signed - and so refuses to help a custodian sign two
+different statements at one sequence (equivocation) or skip one. It returns a
+:class:`CoSignature`; the custodian aggregates the partial signatures. :class:`BlsCosigner` is the
+key alone (in memory: for co-signer services, tests and the demo).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from attestations import bls
 from attestations.canonical import compute_key_id
-from attestations.errors import CounterpartyError, DecodeError, InvariantViolation, MissingQuorum
+from attestations.errors import (
+    BrokenChain,
+    CounterpartyError,
+    DecodeError,
+    Expired,
+    ForkDetected,
+    FutureDated,
+    InvariantViolation,
+    MissingQuorum,
+    PolicyViolation,
+    SequenceGap,
+)
 from attestations.p256 import DigestSigner, verify_p256_digest
 from attestations.statement import (
     BLS_ALGORITHM,
@@ -22,9 +36,12 @@ from attestations.statement import (
     QuorumSignature,
     SignedStatement,
     Statement,
+    StatementKind,
     require_bytes,
+    require_utc,
     validate_key_id,
 )
+from attestations.verify import VerificationPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +74,49 @@ class BlsCosigner:
     def cosign(self, digest: bytes) -> CoSignature:
         require_bytes(digest, what="statement digest", length=32)
         return CoSignature(self.key_id, bls.sign(secret_key=self._secret_key, message=digest))
+
+
+class Cosigner:
+    """A co-signer's key plus its record of the last statement it co-signed per stream."""
+
+    def __init__(self, key: BlsCosigner, *, policy: VerificationPolicy | None = None) -> None:
+        self.key = key
+        self.policy = policy or VerificationPolicy()
+        self._last: dict[tuple[str, str], tuple[int, bytes, datetime]] = {}
+
+    @property
+    def key_id(self) -> str:
+        return self.key.key_id
+
+    def cosign(self, statement: Statement, *, now: datetime) -> CoSignature:
+        """Co-sign ``statement`` if it is fresh and extends this co-signer's view of its stream;
+        raise FutureDated / Expired / PolicyViolation / SequenceGap / ForkDetected otherwise.
+        Asking again for the statement last co-signed returns the same signature."""
+        require_utc(now, what="now")
+        skew = self.policy.max_clock_skew
+        if statement.issued_at > now + skew:
+            raise FutureDated(f"statement {statement.sequence} is dated in the future")
+        if now >= statement.expires_at:
+            raise Expired(f"statement {statement.sequence} has expired")
+        if statement.expires_at - statement.issued_at > self.policy.max_lifetime:
+            raise PolicyViolation(f"statement {statement.sequence} lives longer than policy")
+        digest = statement.compute_digest()
+        stream = (statement.custodian, statement.exchange)
+        last = self._last.get(stream)
+        if last is not None:
+            sequence, last_digest, issued_at = last
+            if statement.sequence == sequence and digest != last_digest:
+                raise ForkDetected(f"a second, different statement {sequence} to co-sign")
+            if statement.sequence not in (sequence, sequence + 1):
+                raise SequenceGap(f"statement {statement.sequence} after co-signed {sequence}")
+            if statement.sequence == sequence + 1 and statement.previous != last_digest:
+                raise ForkDetected(f"statement {statement.sequence} does not extend {sequence}")
+            if statement.issued_at < issued_at:
+                raise BrokenChain(f"statement {statement.sequence} is dated before {sequence}")
+        elif statement.kind is not StatementKind.SNAPSHOT:
+            raise SequenceGap("the first statement a co-signer sees must be a snapshot")
+        self._last[stream] = (statement.sequence, digest, statement.issued_at)
+        return self.key.cosign(digest)
 
 
 def compute_quorum_signature(cosignatures: Sequence[CoSignature]) -> QuorumSignature:

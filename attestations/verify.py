@@ -1,23 +1,30 @@
 """Where a statement is verified: the exchange-side trust decision, fail closed.
 
-:func:`verify_statement` takes a signed statement (or its wire bytes), the verifier's key
-registry, the head of the chain it has accepted so far and the current time, and either returns a
-:class:`VerifiedStatement` or raises one distinct :class:`~attestations.errors.AttestationError`
-subclass. Nothing may be credited from a statement that did not pass. The checks run in this
-order, and the order is part of the protocol (docs/protocol.md):
+Two entry points:
 
-1. decode (malformed, oversized, negative or overflowing sums -> DecodeError / NegativeSum /
-   SumOverflow);
-2. custodian key known, of the custodian role, for this custodian, valid and not revoked at
-   ``issued_at`` -> UnknownKey / KeyNotValid / RevokedKey; ECDSA signature -> BadSignature;
-3. co-signers: each known and usable at ``issued_at``, at least the custodian's threshold of
-   distinct ones -> MissingQuorum; the aggregate signature -> BadSignature;
-4. time: not future-dated beyond the skew window -> FutureDated; not expired -> Expired;
-5. chain against the accepted head: same sequence and different digest -> ForkDetected; not newer
-   -> SequenceReplay; more than one ahead -> SequenceGap; previous digest or time order wrong ->
-   BrokenChain;
-6. roots: when the receiver rebuilt the trees from disclosed leaves, each asset's root, total,
-   count and depth must match -> RootMismatch / SumMismatch.
+* :func:`authenticate_statement` - one statement on its own: decode, the stream it belongs to,
+  keys, both signatures and time. For clients and regulators checking a single statement.
+* :func:`verify_statement` - the receiver of a stream: everything above, plus the hash chain
+  against the last accepted statement and the disclosed leaves against the signed roots. It
+  returns a :class:`VerifiedStatement` whose :attr:`~VerifiedStatement.trees_plan` the receiver
+  applies in the same transaction as its credits. Nothing may be credited from anything else.
+
+Each failure raises one distinct :class:`~attestations.errors.AttestationError` subclass (or a
+``DecodeError`` for bytes that are not a well-formed message). The order of the checks is part of
+the protocol (docs/protocol.md section 7):
+
+1. decode (malformed, oversized, invalid, negative or overflowing amounts);
+2. cheap replay: the very statement already accepted at that sequence -> SequenceReplay before
+   any signature work;
+3. stream: custodian and exchange are the receiver's -> WrongStream;
+4. custodian key and ECDSA signature; co-signer keys, quorum of distinct co-signers and the
+   aggregate BLS signature (keys judged at ``issued_at`` and at ``now``: a revoked key is
+   rejected from its revocation on, whatever date it writes);
+5. time: future-dated beyond the skew window, expired, lifetime longer than policy, a price
+   observed in the future;
+6. chain: fork, replay, gap, broken chain;
+7. leaves: the disclosure rebuilds (snapshot) or updates (delta) the receiver's trees to exactly
+   the signed roots, totals, counts and depths, with the receiver's asset decimals.
 
 Signatures are checked before the chain, so only validly signed statements can ever be reported
 as a fork. This module reads no clock: ``now`` is an argument.
@@ -32,6 +39,7 @@ from typing import Final
 
 from attestations import bls
 from attestations.canonical import MAX_MESSAGE_BYTES, format_timestamp
+from attestations.disclosure import LeafDisclosure, ReceiverTrees, TreesPlan
 from attestations.errors import (
     BrokenChain,
     ConfigurationError,
@@ -39,16 +47,17 @@ from attestations.errors import (
     ForkDetected,
     FutureDated,
     MissingQuorum,
-    RootMismatch,
+    PolicyViolation,
     SequenceGap,
     SequenceReplay,
+    WrongStream,
 )
 from attestations.keys import KeyRegistry, KeyRole
-from attestations.merkle import SumTree
 from attestations.p256 import verify_p256_digest
 from attestations.statement import SignedStatement, Statement, StatementKind, require_utc
 
 DEFAULT_MAX_CLOCK_SKEW: Final = timedelta(seconds=30)
+DEFAULT_MAX_LIFETIME: Final = timedelta(hours=24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,53 +73,111 @@ class ChainHead:
 
 @dataclass(frozen=True, slots=True)
 class VerificationPolicy:
-    """How much clock disagreement a verifier tolerates for future-dated statements."""
+    """The receiver's tolerances. ``max_clock_skew``: how far in the future ``issued_at`` (and a
+    price's ``observed_at``) may be. ``max_lifetime``: the longest ``expires_at - issued_at``
+    accepted, which also bounds how long a statement signed just before a key's revocation stays
+    usable."""
 
     max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW
+    max_lifetime: timedelta = DEFAULT_MAX_LIFETIME
 
     def __post_init__(self) -> None:
         if not timedelta(0) <= self.max_clock_skew <= timedelta(minutes=10):
             raise ConfigurationError("max_clock_skew must be between 0 and 10 minutes")
+        if not timedelta(seconds=1) <= self.max_lifetime <= timedelta(days=7):
+            raise ConfigurationError("max_lifetime must be between 1 second and 7 days")
 
 
 @dataclass(frozen=True, slots=True)
-class VerifiedStatement:
-    """A statement that passed every check; the only kind anything may be credited from."""
+class AuthenticatedStatement:
+    """A statement whose stream, signatures and time were checked - but not its place in the
+    chain nor its leaves. Enough for a client to check its own inclusion proof; never enough to
+    credit anything."""
 
     signed: SignedStatement
     digest: bytes
-    head: ChainHead = field(repr=False)
 
     @property
     def statement(self) -> Statement:
         return self.signed.statement
 
 
+@dataclass(frozen=True, slots=True)
+class VerifiedStatement:
+    """A statement that passed every check, with the plan that brings the receiver's trees to
+    its roots. Apply :attr:`trees_plan` together with the new :attr:`head` and the credits."""
+
+    signed: SignedStatement
+    digest: bytes
+    head: ChainHead
+    trees_plan: TreesPlan = field(repr=False, compare=False)
+
+    @property
+    def statement(self) -> Statement:
+        return self.signed.statement
+
+
+def _decode(message: SignedStatement | bytes, *, max_bytes: int) -> SignedStatement:
+    if isinstance(message, SignedStatement):
+        return message
+    return SignedStatement.decode(message, max_bytes=max_bytes)
+
+
+def authenticate_statement(
+    message: SignedStatement | bytes,
+    *,
+    custodian: str,
+    exchange: str,
+    registry: KeyRegistry,
+    now: datetime,
+    policy: VerificationPolicy = VerificationPolicy(),
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> AuthenticatedStatement:
+    """Steps 1 and 3-5: decode, stream, signatures, time."""
+    require_utc(now, what="now")
+    signed = _decode(message, max_bytes=max_bytes)
+    digest = signed.statement.compute_digest()
+    _verify_stream(signed.statement, custodian=custodian, exchange=exchange)
+    verify_statement_signatures(signed, registry=registry, now=now, digest=digest)
+    _verify_time(signed.statement, now=now, policy=policy)
+    return AuthenticatedStatement(signed=signed, digest=digest)
+
+
 def verify_statement(
     message: SignedStatement | bytes,
     *,
+    custodian: str,
+    exchange: str,
     registry: KeyRegistry,
     head: ChainHead | None,
     now: datetime,
+    receiver: ReceiverTrees,
+    disclosure: LeafDisclosure,
+    history: Mapping[int, bytes] | None = None,
     policy: VerificationPolicy = VerificationPolicy(),
-    trees: Mapping[str, SumTree] | None = None,
     max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> VerifiedStatement:
-    """Verify ``message`` completely or raise. ``head`` is None only when nothing was accepted
-    yet from this stream; then only a snapshot is acceptable as the first trusted statement."""
+    """Verify ``message`` completely or raise; change nothing.
+
+    ``head`` is the last accepted statement of the stream (None only before the first, when
+    only a snapshot is acceptable). ``history`` maps earlier sequences to the digests accepted
+    there, so that a different statement at an old sequence is reported as the fork it is.
+    ``receiver`` holds the trees of the last accepted statement and ``disclosure`` the leaves
+    that came with this one.
+    """
     require_utc(now, what="now")
-    signed = (
-        message
-        if isinstance(message, SignedStatement)
-        else SignedStatement.decode(message, max_bytes=max_bytes)
-    )
+    signed = _decode(message, max_bytes=max_bytes)
     statement = signed.statement
     digest = statement.compute_digest()
-    verify_statement_signatures(signed, registry=registry, digest=digest)
-    _verify_time(statement, now=now, policy=policy)
-    _verify_chain(statement, digest=digest, head=head)
-    if trees is not None:
-        verify_roots(statement, trees=trees)
+    if head is not None and statement.sequence <= head.sequence:
+        known = _known_digest(statement.sequence, head=head, history=history)
+        if known == digest:
+            raise SequenceReplay(f"statement {statement.sequence} was already accepted")
+    authenticate_statement(
+        signed, custodian=custodian, exchange=exchange, registry=registry, now=now, policy=policy
+    )
+    _verify_chain(statement, digest=digest, head=head, history=history)
+    plan = receiver.plan(statement, disclosure)
     new_head = ChainHead(
         custodian=statement.custodian,
         exchange=statement.exchange,
@@ -118,23 +185,43 @@ def verify_statement(
         digest=digest,
         issued_at=statement.issued_at,
     )
-    return VerifiedStatement(signed=signed, digest=digest, head=new_head)
+    return VerifiedStatement(signed=signed, digest=digest, head=new_head, trees_plan=plan)
+
+
+def _known_digest(
+    sequence: int, *, head: ChainHead, history: Mapping[int, bytes] | None
+) -> bytes | None:
+    if sequence == head.sequence:
+        return head.digest
+    return None if history is None else history.get(sequence)
+
+
+def _verify_stream(statement: Statement, *, custodian: str, exchange: str) -> None:
+    if (statement.custodian, statement.exchange) != (custodian, exchange):
+        raise WrongStream(
+            f"statement of {statement.custodian}->{statement.exchange} received on the stream "
+            f"{custodian}->{exchange}"
+        )
 
 
 def verify_statement_signatures(
-    signed: SignedStatement, *, registry: KeyRegistry, digest: bytes | None = None
+    signed: SignedStatement,
+    *,
+    registry: KeyRegistry,
+    now: datetime,
+    digest: bytes | None = None,
 ) -> None:
-    """Steps 2 and 3 alone: the custodian signature and the co-signer quorum. Used by clients and
-    regulators that check one statement outside a chain."""
+    """Step 4: the custodian signature and the quorum of distinct co-signers."""
     statement = signed.statement
     if digest is None:
         digest = statement.compute_digest()
     at = statement.issued_at
     custodian_key = registry.resolve(
         signed.custodian_signature.key_id,
-        owner=statement.custodian,
+        principal=statement.custodian,
         role=KeyRole.CUSTODIAN,
         at=at,
+        now=now,
     )
     verify_p256_digest(
         public_key=custodian_key.public_key,
@@ -143,15 +230,23 @@ def verify_statement_signatures(
     )
     quorum = signed.quorum_signature
     threshold = registry.quorum_threshold(statement.custodian)
-    public_keys = [
-        registry.resolve(key_id, owner=statement.custodian, role=KeyRole.COSIGNER, at=at).public_key
+    records = [
+        registry.resolve(
+            key_id, principal=statement.custodian, role=KeyRole.COSIGNER, at=at, now=now
+        )
         for key_id in quorum.signers
     ]
-    if len(public_keys) < threshold:
+    parties = {record.owner for record in records}
+    if len(parties) < threshold:
         raise MissingQuorum(
-            f"{len(public_keys)} co-signer(s) of {statement.custodian}, {threshold} required"
+            f"{len(parties)} distinct co-signer(s) of {statement.custodian} "
+            f"({len(records)} key(s)), {threshold} required"
         )
-    bls.verify_aggregate(public_keys=public_keys, message=digest, signature=quorum.signature)
+    bls.verify_aggregate(
+        public_keys=[record.public_key for record in records],
+        message=digest,
+        signature=quorum.signature,
+    )
 
 
 def _verify_time(statement: Statement, *, now: datetime, policy: VerificationPolicy) -> None:
@@ -164,9 +259,26 @@ def _verify_time(statement: Statement, *, now: datetime, policy: VerificationPol
         raise Expired(
             f"statement {statement.sequence} expired at {format_timestamp(statement.expires_at)}"
         )
+    if statement.expires_at - statement.issued_at > policy.max_lifetime:
+        raise PolicyViolation(
+            f"statement {statement.sequence} is valid for "
+            f"{statement.expires_at - statement.issued_at}, longer than {policy.max_lifetime}"
+        )
+    for point in statement.prices:
+        if point.observed_at > statement.issued_at + policy.max_clock_skew:
+            raise PolicyViolation(
+                f"price {point.price.asset}/{point.price.quote} observed at "
+                f"{format_timestamp(point.observed_at)}, after the statement was issued"
+            )
 
 
-def _verify_chain(statement: Statement, *, digest: bytes, head: ChainHead | None) -> None:
+def _verify_chain(
+    statement: Statement,
+    *,
+    digest: bytes,
+    head: ChainHead | None,
+    history: Mapping[int, bytes] | None,
+) -> None:
     if head is None:
         if statement.kind is not StatementKind.SNAPSHOT:
             raise SequenceGap(
@@ -178,45 +290,28 @@ def _verify_chain(statement: Statement, *, digest: bytes, head: ChainHead | None
             f"statement of {statement.custodian}->{statement.exchange} checked against the "
             f"chain of {head.custodian}->{head.exchange}"
         )
-    if statement.sequence == head.sequence and digest != head.digest:
-        raise ForkDetected(
-            f"two different statements with sequence {statement.sequence}: "
-            f"{head.digest.hex()[:16]} accepted, {digest.hex()[:16]} received"
-        )
     if statement.sequence <= head.sequence:
+        known = _known_digest(statement.sequence, head=head, history=history)
+        if known is not None and known != digest:
+            raise ForkDetected(
+                f"two different signed statements with sequence {statement.sequence}: "
+                f"{known.hex()[:16]} accepted, {digest.hex()[:16]} received"
+            )
         raise SequenceReplay(
             f"sequence {statement.sequence} is not newer than accepted {head.sequence}"
         )
     if statement.sequence > head.sequence + 1:
-        # A snapshot can re-anchor a receiver that missed statements only through the explicit
-        # resynchronisation path (the receiver asks for it and checks it against the transparency
-        # log); the plain chain rule never skips.
+        # The receiver asks the custodian for a snapshot and waits; the chain never skips.
         raise SequenceGap(f"sequence {statement.sequence} after {head.sequence}: gap in the chain")
     if statement.previous != head.digest:
-        raise BrokenChain(
-            f"statement {statement.sequence} names previous {statement.previous.hex()[:16]}, "
-            f"accepted {head.sequence} is {head.digest.hex()[:16]}"
+        # A validly signed successor of a statement other than the one accepted: the custodian
+        # signed two different statements at sequence head.sequence.
+        raise ForkDetected(
+            f"statement {statement.sequence} extends {statement.previous.hex()[:16]}, but "
+            f"{head.digest.hex()[:16]} was accepted at sequence {head.sequence}"
         )
     if statement.issued_at < head.issued_at:
         raise BrokenChain(
             f"statement {statement.sequence} is dated before its predecessor "
             f"({format_timestamp(statement.issued_at)} < {format_timestamp(head.issued_at)})"
         )
-
-
-def verify_roots(statement: Statement, *, trees: Mapping[str, SumTree]) -> None:
-    """Compare the statement's per-asset roots with trees the receiver rebuilt from the leaves it
-    was given. Every asset must be present on both sides."""
-    stated = {root.asset for root in statement.assets}
-    if stated != set(trees):
-        raise RootMismatch(
-            f"assets in statement {sorted(stated)} differ from disclosed trees {sorted(trees)}"
-        )
-    for asset_root in statement.assets:
-        tree = trees[asset_root.asset]
-        if tree.depth != asset_root.depth:
-            raise RootMismatch(
-                f"{asset_root.asset}: statement depth {asset_root.depth}, disclosed tree depth "
-                f"{tree.depth}"
-            )
-        tree.verify_head(root=asset_root.root, total=asset_root.total, count=asset_root.count)

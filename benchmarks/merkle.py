@@ -209,12 +209,17 @@ def bench_proofs(
     """(proofs made per second, proofs verified per second)."""
     sample = rng.sample(range(tree.count), PROOF_SAMPLES)
     proofs, prove_s = timed(lambda: [tree.prove(position) for position in sample])
-    root, total = tree.root, tree.total
+    root, total, depth = tree.root, tree.total, tree.depth
 
     def verify_all() -> None:
         for position, proof in zip(sample, proofs, strict=True):
             verify_inclusion(
-                proof, account=accounts[position], salt=salts[position], root=root, total=total
+                proof,
+                account=accounts[position],
+                salt=salts[position],
+                root=root,
+                total=total,
+                depth=depth,
             )
 
     verify_s = timed(verify_all)[1]

@@ -14,27 +14,32 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from attestations.canonical import parse_json_object
+from attestations.canonical import parse_json_object, parse_timestamp, truncate_to_millis
 from attestations.disclosure import ClientProof, verify_client_proof
 from attestations.errors import BridgeError
 from attestations.keys import KeyRegistry
-from attestations.statement import SignedStatement
-from attestations.verify import verify_statement_signatures
+from attestations.verify import authenticate_statement
 from mcb.demo import run_demo
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    workdir = args.workdir or f"var/demo/{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    workdir = args.workdir or f"var/demo/{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
     run_demo(Path(workdir), software_key=args.software_key)
     return 0
 
 
 def _cmd_verify_proof(args: argparse.Namespace) -> int:
-    signed = SignedStatement.decode(Path(args.statement).read_bytes())
     registry = KeyRegistry.from_wire(parse_json_object(Path(args.registry).read_bytes()))
-    verify_statement_signatures(signed, registry=registry)
     proof = ClientProof.from_wire(parse_json_object(Path(args.proof).read_bytes()))
-    quantity = verify_client_proof(proof, statement=signed.statement)
+    at = truncate_to_millis(datetime.now(UTC)) if args.at is None else parse_timestamp(args.at)
+    authenticated = authenticate_statement(
+        Path(args.statement).read_bytes(),
+        custodian=proof.custodian,
+        exchange=proof.exchange,
+        registry=registry,
+        now=at,
+    )
+    quantity = verify_client_proof(proof, statement=authenticated.statement)
     print(
         json.dumps(
             {
@@ -72,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--statement", required=True, help="signed statement (JSON file)")
     verify.add_argument("--registry", required=True, help="key registry (JSON file)")
     verify.add_argument("--proof", required=True, help="client proof (JSON file)")
+    verify.add_argument(
+        "--at",
+        default=None,
+        help="check as of this time (YYYY-MM-DDTHH:MM:SS.mmmZ) instead of now: a past statement",
+    )
     verify.set_defaults(func=_cmd_verify_proof)
     return parser
 

@@ -23,6 +23,8 @@ from attestations.checkpoint import Checkpoint, sign_checkpoint, verify_same_his
 from attestations.disclosure import (
     ClientProof,
     DisclosedLeaf,
+    LeafDisclosure,
+    ReceiverTrees,
     build_trees,
     compute_asset_roots,
     compute_salt,
@@ -32,7 +34,7 @@ from attestations.hsm import Pkcs11Signer, generate_p256_key, reinitialize_libra
 from attestations.keys import KeyRecord, KeyRegistry, KeyRole
 from attestations.merkle import SumTree
 from attestations.p256 import DigestSigner, SoftwareP256Signer
-from attestations.signing import BlsCosigner, sign_statement
+from attestations.signing import BlsCosigner, Cosigner, sign_statement
 from attestations.statement import (
     GENESIS_PREVIOUS,
     PricePoint,
@@ -91,19 +93,23 @@ def open_custodian_signer(
     )
 
 
+COSIGNER_PARTIES = ("auditor-one", "trustee-two", "notary-three")
+
+
 def build_registry(
-    signer: DigestSigner, cosigners: list[BlsCosigner], *, valid_from: datetime
+    signer: DigestSigner, cosigners: list[Cosigner], *, valid_from: datetime
 ) -> KeyRegistry:
     records = [KeyRecord(CUSTODIAN, KeyRole.CUSTODIAN, signer.public_key, valid_from)]
     records += [
         KeyRecord(
-            CUSTODIAN,
+            party,
             KeyRole.COSIGNER,
-            c.public_key,
+            c.key.public_key,
             valid_from,
-            proof_of_possession=c.proof_of_possession(),
+            proof_of_possession=c.key.proof_of_possession(),
+            signs_for=CUSTODIAN,
         )
-        for c in cosigners
+        for party, c in zip(COSIGNER_PARTIES, cosigners, strict=True)
     ]
     return KeyRegistry.of(records, quorums={CUSTODIAN: 2})
 
@@ -111,7 +117,7 @@ def build_registry(
 class _Custodian:
     """The custodian side of the demo: positions, salts, trees, statements, log."""
 
-    def __init__(self, signer: DigestSigner, cosigners: list[BlsCosigner], log_path: Path) -> None:
+    def __init__(self, signer: DigestSigner, cosigners: list[Cosigner], log_path: Path) -> None:
         self.signer = signer
         self.cosigners = cosigners
         self.salt_secret = secrets.token_bytes(32)
@@ -149,7 +155,7 @@ class _Custodian:
         signed = sign_statement(
             statement,
             custodian_signer=self.signer,
-            cosignatures=[c.cosign(digest) for c in self.cosigners[:2]],
+            cosignatures=[c.cosign(statement, now=now) for c in self.cosigners[:2]],
         )
         self.log.append(digest)
         self.previous = digest
@@ -175,16 +181,16 @@ def run_demo(
 def _run(
     workdir: Path, signer: DigestSigner, *, start: datetime, say: Callable[[str], None]
 ) -> DemoResult:
-    cosigners = [BlsCosigner.from_seed(secrets.token_bytes(32)) for _ in range(3)]
+    cosigners = [Cosigner(BlsCosigner.from_seed(secrets.token_bytes(32))) for _ in range(3)]
     registry = build_registry(signer, cosigners, valid_from=start - timedelta(minutes=1))
     say(
-        f"REGISTRY  custodian key {signer.key_id[:16]}, 3 BLS co-signers with checked proofs of "
-        "possession, quorum 2 of 3"
+        f"REGISTRY  custodian key {signer.key_id[:16]}; BLS co-signers "
+        f"{', '.join(COSIGNER_PARTIES)} with checked proofs of possession; quorum 2 of 3"
     )
     custodian = _Custodian(signer, cosigners, workdir / "transparency-log.sqlite3")
     leaves = [custodian.disclose(a, s, q) for a, s, q in SAMPLE_PLEDGES]
     custodian.trees = build_trees(leaves)
-    exchange_trees = build_trees(leaves)  # the exchange rebuilds the trees from disclosed leaves
+    receiver = ReceiverTrees(DECIMALS)  # the exchange's copy, rebuilt from disclosed leaves
 
     head: ChainHead | None = None
     verified: list[VerifiedStatement] = []
@@ -192,13 +198,25 @@ def _run(
     for sequence in (1, 2):
         now = start + timedelta(seconds=sequence - 1)
         kind = StatementKind.SNAPSHOT if sequence == 1 else StatementKind.DELTA
+        disclosed = leaves
         if kind is StatementKind.DELTA:
-            changed = custodian.disclose(*CHANGED_PLEDGE).to_leaf()
-            custodian.trees["BTC"].update(set_leaves=[changed])
-            exchange_trees["BTC"].update(set_leaves=[changed])
+            changed = custodian.disclose(*CHANGED_PLEDGE)
+            custodian.trees["BTC"].update(set_leaves=[changed.to_leaf()])
+            disclosed = [changed]
             say("PLEDGE    client-bob pledges 2.5 BTC more: a delta with one changed leaf")
-        wire = custodian.publish(sequence=sequence, kind=kind, now=now).encode()
-        result = verify_statement(wire, registry=registry, head=head, now=now, trees=exchange_trees)
+        signed = custodian.publish(sequence=sequence, kind=kind, now=now)
+        wire = signed.encode()
+        result = verify_statement(
+            wire,
+            custodian=CUSTODIAN,
+            exchange=EXCHANGE,
+            registry=registry,
+            head=head,
+            now=now,
+            receiver=receiver,
+            disclosure=LeafDisclosure.for_statement(signed.statement, disclosed),
+        )
+        result.trees_plan.apply()
         head = result.head
         verified.append(result)
         checkpoints.append(
@@ -219,7 +237,7 @@ def _run(
         say(f"EXCHANGE  #{sequence} verified: keys, signatures, quorum, time, chain, roots")
 
     proof = custodian.log.prove_consistency(1, 2)
-    verify_same_history(checkpoints[0], checkpoints[1], registry=registry, proof=proof)
+    verify_same_history(checkpoints[0], checkpoints[1], registry=registry, proof=proof, now=start)
     say("LOG       signed checkpoints at sizes 1 and 2 verified consistent (no split view)")
     custodian.log.close()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -19,6 +22,7 @@ from attestations.amounts import (
     validate_asset_code,
 )
 from attestations.canonical import (
+    MAX_NESTING,
     compute_canonical_bytes,
     compute_digest,
     compute_key_id,
@@ -190,6 +194,105 @@ def test_strict_json_reader_bounds_size() -> None:
     assert parse_json_object(big, max_bytes=3000)["a"] == "x" * 2000
     with pytest.raises(DecodeError):
         parse_json_object(big, max_bytes=1000)
+
+
+def test_nesting_is_bounded_before_parsing() -> None:
+    # Top-level object at depth 1; 31 arrays inside it reach exactly MAX_NESTING.
+    inner = MAX_NESTING - 1
+    expected: list[object] = []
+    for _ in range(inner - 1):
+        expected = [expected]
+    ok = b'{"a":' + b"[" * inner + b"]" * inner + b"}"
+    assert parse_json_object(ok) == {"a": expected}
+    with pytest.raises(DecodeError, match="nested deeper"):
+        parse_json_object(b'{"a":' + b"[" * (inner + 1) + b"]" * (inner + 1) + b"}")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":"' + "[" * 100 + '"}',
+        '{"a":"\\\\"' + ',"b":"' + "{" * 100 + '"}',
+        '{"a":"\\"' + "[" * 100 + '"}',
+        '{"' + "[" * 100 + '":1}',
+    ],
+)
+def test_brackets_inside_strings_do_not_count_as_nesting(text: str) -> None:
+    assert len(parse_json_object(text)) >= 1
+
+
+def test_escaped_quote_does_not_end_the_string_for_the_nesting_scan() -> None:
+    # If the scan took \" for the closing quote it would count the brackets after it.
+    text = '{"a":"\\"' + "[" * 100 + '\\"' + "]" * 100 + '"}'
+    assert parse_json_object(text) == {"a": '"' + "[" * 100 + '"' + "]" * 100}
+
+
+def test_deep_nesting_is_a_decode_error_not_a_crash() -> None:
+    # py_ecc (imported by attestations.bls) raises the recursion limit to 100000, so the json
+    # module's recursion would overflow the C stack long before RecursionError: run it in a child
+    # so a regression shows up as a signal, not as a dead test runner.
+    script = textwrap.dedent(
+        """
+        import sys
+        import attestations.bls
+        assert sys.getrecursionlimit() >= 100000, sys.getrecursionlimit()
+        from attestations.canonical import parse_json_object
+        parse_json_object(b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("attestations.errors.DecodeError: JSON containers nested"), (
+        result.stderr[-2000:]
+    )
+
+
+@pytest.mark.parametrize("digits", [17, 4301, 100_000])
+def test_long_integer_literals_are_decode_errors(digits: int) -> None:
+    for sign in (b"", b"-"):
+        with pytest.raises(DecodeError, match="interoperable"):
+            parse_json_object(b'{"a":' + sign + b"9" * digits + b"}")
+
+
+def test_integer_literals_at_the_bounds() -> None:
+    assert parse_json_object(b'{"a":9007199254740991}')["a"] == 2**53 - 1
+    assert parse_json_object(b'{"a":-9007199254740991}')["a"] == -(2**53 - 1)
+    with pytest.raises(DecodeError):
+        parse_json_object(b'{"a":9999999999999999}')  # 16 digits, past the range
+
+
+def test_lone_surrogate_in_a_str_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError):
+        parse_json_object('{"a":"\ud800"}')
+
+
+def test_bytes_like_and_str_inputs_are_accepted() -> None:
+    data = b'{"a":[1,"x"]}'
+    expected = {"a": [1, "x"]}
+    assert parse_json_object(data) == expected
+    assert parse_json_object(bytearray(data)) == expected
+    assert parse_json_object(memoryview(data)) == expected
+    assert parse_json_object(data.decode()) == expected
+
+
+@pytest.mark.parametrize("data", [10**9, None, 1.5, [b"{}"], {"a": 1}, object()])
+def test_other_input_types_are_decode_errors(data: object) -> None:
+    with pytest.raises(DecodeError):
+        parse_json_object(data)  # type: ignore[arg-type]
+
+
+def test_size_bound_applies_to_every_input_type() -> None:
+    big = b'{"a":"' + b"x" * 2000 + b'"}'
+    for data in (big, bytearray(big), memoryview(big), big.decode()):
+        with pytest.raises(DecodeError, match="exceeds"):
+            parse_json_object(data, max_bytes=1000)
+    # A str is bounded by its UTF-8 length, not its length in code points.
+    wide = '{"a":"' + "\u00e9" * 600 + '"}'
+    with pytest.raises(DecodeError, match="exceeds"):
+        parse_json_object(wide, max_bytes=1000)
 
 
 def test_timestamps_have_one_form() -> None:

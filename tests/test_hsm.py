@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pkcs11
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from cryptography.hazmat.primitives.hashes import SHA256
@@ -270,6 +272,130 @@ def test_extractable_key_is_refused(provisioned: Provisioned, raw_session: pkcs1
             pin=provisioned.pin,
             key_label="weak",
         )
+
+
+def _open_label(provisioned: Provisioned, key_label: str) -> Pkcs11Signer:
+    return Pkcs11Signer.open(
+        library_path=provisioned.library_path,
+        token_label=provisioned.token_label,
+        pin=provisioned.pin,
+        key_label=key_label,
+    )
+
+
+@pytest.mark.parametrize(
+    ("created_with", "locked_later", "history"),
+    [
+        # Extractable when created, then locked: CKA_NEVER_EXTRACTABLE stays false.
+        (
+            {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True},
+            {Attribute.EXTRACTABLE: False},
+            "NEVER_EXTRACTABLE",
+        ),
+        # Readable in the clear when created, then made sensitive: CKA_ALWAYS_SENSITIVE stays
+        # false.
+        (
+            {Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: False},
+            {Attribute.SENSITIVE: True},
+            "ALWAYS_SENSITIVE",
+        ),
+    ],
+    ids=["extractable-then-locked", "sensitive-later"],
+)
+def test_a_key_that_was_ever_exposed_is_refused(
+    provisioned: Provisioned,
+    raw_session: pkcs11.Session,
+    created_with: dict[Attribute, Any],
+    locked_later: dict[Attribute, Any],
+    history: str,
+) -> None:
+    _, private = raw_session.generate_keypair(
+        KeyType.EC,
+        label="relocked",
+        store=True,
+        public_template={Attribute.EC_PARAMS: hsm.P256_EC_PARAMS},
+        private_template=created_with,
+    )
+    for attribute, value in locked_later.items():
+        private[attribute] = value
+    # Today the key looks locked: only its history gives it away.
+    assert private[Attribute.SENSITIVE] is True
+    assert private[Attribute.EXTRACTABLE] is False
+    assert private[getattr(Attribute, history)] is False
+    raw_session.close()
+    with pytest.raises(ConfigurationError, match=f"may exist outside the token: CKA_{history}"):
+        _open_label(provisioned, "relocked")
+    with provisioned.open() as opened:  # the token is usable again after the refusal
+        assert opened.public_key == provisioned.public_key
+
+
+def test_an_imported_key_is_refused(provisioned: Provisioned, raw_session: pkcs11.Session) -> None:
+    # A key made in software and imported with the right flags set: sensitive, not extractable,
+    # a correct pair. Its private value existed outside the token, which CKA_LOCAL false records.
+    software_key = ec.generate_private_key(ec.SECP256R1())
+    point = software_key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    raw_session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.KEY_TYPE: KeyType.EC,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True,
+            Attribute.LABEL: "imported",
+            Attribute.EC_PARAMS: hsm.P256_EC_PARAMS,
+            Attribute.VALUE: software_key.private_numbers().private_value.to_bytes(32, "big"),
+        }
+    )
+    raw_session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.EC,
+            Attribute.TOKEN: True,
+            Attribute.VERIFY: True,
+            Attribute.LABEL: "imported",
+            Attribute.EC_PARAMS: hsm.P256_EC_PARAMS,
+            Attribute.EC_POINT: b"\x04\x41" + point,
+        }
+    )
+    raw_session.close()
+    with pytest.raises(ConfigurationError, match="may exist outside the token") as caught:
+        _open_label(provisioned, "imported")
+    assert "CKA_LOCAL" in str(caught.value)
+    assert not caught.value.retriable
+
+
+@pytest.mark.parametrize("how", ["raises", "omits"])
+def test_an_attribute_the_token_does_not_report_is_a_configuration_error(
+    provisioned: Provisioned, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # A token that does not know CKA_LOCAL. python-pkcs11 raises AttributeTypeInvalid when no
+    # attribute asked for is reported, and leaves the unreported ones out of the dict otherwise.
+    object_class: Any = pkcs11._pkcs11.Object  # type: ignore[attr-defined]
+    real = object_class.get_attributes
+
+    def without_local(self: Any, keys: list[Attribute]) -> dict[Attribute, Any]:
+        if Attribute.LOCAL not in keys:
+            return real(self, keys)  # type: ignore[no-any-return]
+        if how == "raises":
+            raise p11.AttributeTypeInvalid
+        values = real(self, keys)
+        del values[Attribute.LOCAL]
+        return values  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(object_class, "get_attributes", without_local)
+    with pytest.raises(ConfigurationError, match="does not report") as caught:
+        provisioned.open()
+    assert not isinstance(caught.value, TokenUnavailable)
+    assert not caught.value.retriable
+    if how == "raises":
+        assert isinstance(caught.value.__cause__, p11.AttributeTypeInvalid)
+    monkeypatch.undo()
+    with provisioned.open() as opened:
+        assert opened.public_key == provisioned.public_key
 
 
 def test_non_p256_key_is_refused(provisioned: Provisioned, raw_session: pkcs11.Session) -> None:

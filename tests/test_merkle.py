@@ -10,8 +10,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 import struct
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -24,6 +24,7 @@ from attestations.errors import (
     DuplicateLeaf,
     FloatRejected,
     InvalidProof,
+    InvariantViolation,
     NegativeSum,
     RootMismatch,
     SumMismatch,
@@ -37,6 +38,7 @@ from attestations.merkle import (
     InclusionProof,
     Leaf,
     SumTree,
+    TreeUpdate,
     compute_account_commitment,
     compute_leaf_hash,
     compute_node,
@@ -363,11 +365,13 @@ def test_every_inclusion_proof_verifies(
         proof = tree.prove(position)
         assert proof.quantity == quantity
         assert len(proof.siblings) == tree.depth
-        verify_inclusion(proof, account=account, salt=salt, root=tree.root, total=tree.total)
+        verify_inclusion(
+            proof, account=account, salt=salt, root=tree.root, total=tree.total, depth=tree.depth
+        )
         again = InclusionProof.from_wire(proof.to_wire())
         assert again == proof
         assert is_valid_inclusion(
-            again, account=account, salt=salt, root=tree.root, total=tree.total
+            again, account=account, salt=salt, root=tree.root, total=tree.total, depth=tree.depth
         )
 
 
@@ -399,6 +403,7 @@ TAMPERINGS = [
     "asset",
     "root",
     "total",
+    "depth",
 ]
 
 
@@ -416,6 +421,7 @@ def test_any_change_to_a_proof_or_its_inputs_fails(
         "salt": salt,
         "root": tree.root,
         "total": tree.total,
+        "depth": tree.depth,
     }
     siblings = list(proof.siblings)
     height = data.draw(st.integers(0, tree.depth - 1)) if tree.depth else 0
@@ -444,6 +450,8 @@ def test_any_change_to_a_proof_or_its_inputs_fails(
         proof = _forge(proof, asset=data.draw(assets_st.filter(lambda a: a != proof.asset)))
     elif how == "root":
         args["root"] = _flip(tree.root, data.draw(st.integers(0, 31)), 1)
+    elif how == "depth":
+        args["depth"] = data.draw(st.integers(0, MAX_DEPTH).filter(lambda d: d != tree.depth))
     else:
         args["total"] = data.draw(st.integers(0, SUM_LIMIT - 1).filter(lambda t: t != tree.total))
     assert not is_valid_inclusion(proof, **args)
@@ -468,16 +476,33 @@ def test_proof_of_a_depth_zero_tree() -> None:
     proof = tree.prove(0)
     assert proof.siblings == ()
     assert tree.root == ref_leaf(0, commitment, ASSET, 42)
-    verify_inclusion(proof, account="solo", salt=ALICE_SALT, root=tree.root, total=42)
+    verify_inclusion(proof, account="solo", salt=ALICE_SALT, root=tree.root, total=42, depth=0)
 
 
 def test_is_valid_inclusion_is_false_for_malformed_arguments() -> None:
     commitment = compute_account_commitment(account="alice", salt=ALICE_SALT)
     tree = SumTree.build(ASSET, [Leaf(0, commitment, 1), Leaf(1, commitment_of(1), 2)])
     proof = tree.prove(0)
-    good: dict[str, Any] = {"account": "alice", "salt": ALICE_SALT, "root": tree.root, "total": 3}
+    good: dict[str, Any] = {
+        "account": "alice",
+        "salt": ALICE_SALT,
+        "root": tree.root,
+        "total": 3,
+        "depth": 1,
+    }
     assert is_valid_inclusion(proof, **good)
-    for name, bad in [("root", tree.root[:31]), ("total", -1), ("total", 3.0), ("salt", b"")]:
+    for name, bad in [
+        ("root", tree.root[:31]),
+        ("total", -1),
+        ("total", 3.0),
+        ("salt", b""),
+        ("depth", 2),
+        ("depth", -1),
+        ("depth", 1.0),
+        ("depth", True),
+        ("depth", "1"),
+        ("depth", None),
+    ]:
         assert not is_valid_inclusion(proof, **{**good, name: bad})
     assert not is_valid_inclusion(proof.to_wire(), **good)  # type: ignore[arg-type]
 
@@ -513,10 +538,10 @@ def test_negative_balances_are_rejected_everywhere() -> None:
     forged = _forge(proof, siblings=((proof.siblings[0][0], -7),))
     account, salt = clients[0]
     with pytest.raises(NegativeSum):
-        verify_inclusion(forged, account=account, salt=salt, root=tree.root, total=12)
+        verify_inclusion(forged, account=account, salt=salt, root=tree.root, total=12, depth=1)
     forged = _forge(proof, quantity=-1)
     with pytest.raises(NegativeSum):
-        verify_inclusion(forged, account=account, salt=salt, root=tree.root, total=12)
+        verify_inclusion(forged, account=account, salt=salt, root=tree.root, total=12, depth=1)
 
 
 def test_sums_that_would_wrap_are_rejected_at_build_and_update() -> None:
@@ -541,7 +566,7 @@ def test_a_sibling_sum_that_overflows_the_parent_is_rejected_at_verify() -> None
     # Modulo 2**128 this sibling would bring the total back to 4: 5 + (2**128 - 1) wraps.
     wrapping = InclusionProof(ASSET, 0, 1, 5, ((proof.siblings[0][0], SUM_LIMIT - 1),))
     with pytest.raises(SumOverflow):
-        verify_inclusion(wrapping, account=account, salt=salt, root=tree.root, total=4)
+        verify_inclusion(wrapping, account=account, salt=salt, root=tree.root, total=4, depth=1)
     with pytest.raises(SumOverflow):
         InclusionProof(ASSET, 0, 1, 5, ((proof.siblings[0][0], SUM_LIMIT),))
 
@@ -577,7 +602,7 @@ def test_a_maxwell_form_tree_does_not_verify() -> None:
         proof = InclusionProof(ASSET, position, 2, quantity, siblings)
         # The verifier adds the sums itself, so the path hashes the real ones and misses the root.
         with pytest.raises(InvalidProof):
-            verify_inclusion(proof, account=account, salt=salt, root=maxwell_root, total=9)
+            verify_inclusion(proof, account=account, salt=salt, root=maxwell_root, total=9, depth=2)
     # Honest hashes but a published total of max(children) at the root: the sum gives it away.
     tree = SumTree.build(
         ASSET,
@@ -587,7 +612,7 @@ def test_a_maxwell_form_tree_does_not_verify() -> None:
     for position, (account, salt, _) in enumerate(clients):
         with pytest.raises(SumMismatch):
             verify_inclusion(
-                tree.prove(position), account=account, salt=salt, root=tree.root, total=10
+                tree.prove(position), account=account, salt=salt, root=tree.root, total=10, depth=2
             )
 
 
@@ -599,9 +624,9 @@ def test_sibling_sums_rewritten_to_max_form_fail() -> None:
     sibling_hash, _ = proof.siblings[0]
     altered = InclusionProof(ASSET, 0, 1, 5, ((sibling_hash, 2),))
     with pytest.raises(InvalidProof):
-        verify_inclusion(altered, account=account, salt=salt, root=tree.root, total=7)
+        verify_inclusion(altered, account=account, salt=salt, root=tree.root, total=7, depth=1)
     with pytest.raises(InvalidProof):
-        verify_inclusion(altered, account=account, salt=salt, root=tree.root, total=12)
+        verify_inclusion(altered, account=account, salt=salt, root=tree.root, total=12, depth=1)
 
 
 def test_an_interior_node_cannot_pass_as_a_leaf() -> None:
@@ -615,17 +640,29 @@ def test_an_interior_node_cannot_pass_as_a_leaf() -> None:
     )
     # Node 0 of height 1 (over leaves 0 and 1) offered as the leaf at position 0 of a depth-1
     # tree, with node 1 of height 1 as its sibling: the verifier hashes a leaf, never a node.
+    # (Even with a statement that declares depth 1 for this root, so the depth check passes.)
     proof = tree.prove(0)
     fake = InclusionProof(ASSET, 0, 1, 10 + 11, (proof.siblings[1],))
     for account, salt in clients:
-        with pytest.raises(InvalidProof):
-            verify_inclusion(fake, account=account, salt=salt, root=tree.root, total=tree.total)
+        for depth in (1, tree.depth):
+            with pytest.raises(InvalidProof):
+                verify_inclusion(
+                    fake, account=account, salt=salt, root=tree.root, total=tree.total, depth=depth
+                )
     # And a whole depth-1 tree's root offered as a leaf of depth 0.
     small, small_clients = _two_clients()
     claim = InclusionProof(ASSET, 0, 0, small.total, ())
     for account, salt in small_clients:
-        with pytest.raises(InvalidProof):
-            verify_inclusion(claim, account=account, salt=salt, root=small.root, total=small.total)
+        for depth in (0, small.depth):
+            with pytest.raises(InvalidProof):
+                verify_inclusion(
+                    claim,
+                    account=account,
+                    salt=salt,
+                    root=small.root,
+                    total=small.total,
+                    depth=depth,
+                )
 
 
 def test_leaf_node_and_empty_hashes_are_domain_separated() -> None:
@@ -656,11 +693,12 @@ def test_duplicated_and_shared_leaves_are_rejected() -> None:
     tree, clients = _two_clients()
     proof = tree.prove(0)
     bob, bob_salt = clients[1]
+    head: dict[str, Any] = {"root": tree.root, "total": tree.total, "depth": tree.depth}
     with pytest.raises(InvalidProof):
-        verify_inclusion(proof, account=bob, salt=bob_salt, root=tree.root, total=tree.total)
+        verify_inclusion(proof, account=bob, salt=bob_salt, **head)
     alice_salt = clients[0][1]
     with pytest.raises(InvalidProof):
-        verify_inclusion(proof, account=bob, salt=alice_salt, root=tree.root, total=tree.total)
+        verify_inclusion(proof, account=bob, salt=alice_salt, **head)
 
 
 def test_proofs_with_the_wrong_depth_or_length() -> None:
@@ -675,17 +713,64 @@ def test_proofs_with_the_wrong_depth_or_length() -> None:
         InclusionProof(ASSET, 0, MAX_DEPTH + 1, 5, proof.siblings * (MAX_DEPTH + 1))
     with pytest.raises(DecodeError):
         InclusionProof(ASSET, 0, 1, 5, list(proof.siblings))  # type: ignore[arg-type]
-    # One more (empty) level proves the leaf in a deeper tree, which has another root.
+    # One more (empty) level proves the leaf in a deeper tree, which has another root: refused
+    # for the depth the statement declares, and for the proof's own depth by the root.
     deeper = InclusionProof(ASSET, 0, 2, 5, (*proof.siblings, (EMPTY_HASHES[1], 0)))
-    with pytest.raises(InvalidProof):
-        verify_inclusion(deeper, account=account, salt=salt, root=tree.root, total=tree.total)
+    head: dict[str, Any] = {
+        "account": account,
+        "salt": salt,
+        "root": tree.root,
+        "total": tree.total,
+    }
+    for depth in (tree.depth, deeper.depth):
+        with pytest.raises(InvalidProof):
+            verify_inclusion(deeper, **head, depth=depth)
     assert tree.root != SumTree.build(ASSET, tree.iter_leaves(), depth=2).root
     shallower = _forge(proof, depth=0, siblings=())
-    with pytest.raises(InvalidProof):
-        verify_inclusion(shallower, account=account, salt=salt, root=tree.root, total=tree.total)
+    for depth in (tree.depth, 0):
+        with pytest.raises(InvalidProof):
+            verify_inclusion(shallower, **head, depth=depth)
     mismatched = _forge(proof, depth=2)
-    with pytest.raises(InvalidProof):
-        verify_inclusion(mismatched, account=account, salt=salt, root=tree.root, total=tree.total)
+    for depth in (tree.depth, 2):
+        with pytest.raises(InvalidProof):
+            verify_inclusion(mismatched, **head, depth=depth)
+    verify_inclusion(proof, **head, depth=tree.depth)
+
+
+def test_the_declared_depth_is_checked_before_the_path() -> None:
+    tree, clients = _two_clients()
+    account, salt = clients[0]
+    proof = tree.prove(0)
+    head: dict[str, Any] = {
+        "account": account,
+        "salt": salt,
+        "root": tree.root,
+        "total": tree.total,
+    }
+    # Each of these paths would fail in its own way (a negative sum, a wrapping sum, not a tuple,
+    # a position with no slot); against another declared depth the depth is what is reported.
+    broken = [
+        _forge(proof, siblings=((proof.siblings[0][0], -7),)),
+        _forge(proof, siblings=((proof.siblings[0][0], SUM_LIMIT),)),
+        _forge(proof, siblings=[proof.siblings[0]]),
+        _forge(proof, position=2),
+        _forge(proof, quantity=-1),
+    ]
+    for forged in broken:
+        with pytest.raises(InvalidProof, match="proof depth 1, tree depth 2"):
+            verify_inclusion(forged, **head, depth=2)
+        with pytest.raises(AttestationError):
+            verify_inclusion(forged, **head, depth=1)
+
+
+@pytest.mark.parametrize("depth", [-1, MAX_DEPTH + 1, True, 1.0, "1", None])
+def test_a_malformed_declared_depth_is_a_decode_error(depth: Any) -> None:
+    tree, clients = _two_clients()
+    account, salt = clients[0]
+    with pytest.raises(DecodeError):
+        verify_inclusion(
+            tree.prove(0), account=account, salt=salt, root=tree.root, total=12, depth=depth
+        )
 
 
 def test_a_position_outside_the_tree_is_rejected() -> None:
@@ -706,8 +791,10 @@ def test_a_position_outside_the_tree_is_rejected() -> None:
     )
     forged = _forge(proof, position=3)
     with pytest.raises(InvalidProof):
-        verify_inclusion(forged, account=account, salt=salt, root=crafted_root, total=crafted_total)
-    verify_inclusion(proof, account=account, salt=salt, root=tree.root, total=tree.total)
+        verify_inclusion(
+            forged, account=account, salt=salt, root=crafted_root, total=crafted_total, depth=1
+        )
+    verify_inclusion(proof, account=account, salt=salt, root=tree.root, total=tree.total, depth=1)
 
 
 # --- updates ------------------------------------------------------------------------------------
@@ -807,76 +894,88 @@ def _base_tree() -> SumTree:
     return SumTree.build(ASSET, [Leaf(p, commitment_of(p), p + 1) for p in range(6)])
 
 
-BAD_UPDATES: list[tuple[str, Callable[[SumTree], None], type[Exception]]] = [
+class Updater(Protocol):
+    """SumTree.update or SumTree.plan_update, bound to a tree."""
+
+    def __call__(
+        self,
+        *,
+        set_leaves: Iterable[Leaf] = (),
+        clear_positions: Iterable[int] = (),
+        expect_root: bytes | None = None,
+        expect_total: int | None = None,
+        expect_count: int | None = None,
+    ) -> object: ...
+
+
+BAD_UPDATES: list[tuple[str, Callable[[Updater], object], type[Exception]]] = [
     (
         "position set twice",
-        lambda t: t.update(
-            set_leaves=[Leaf(9, commitment_of(90), 1), Leaf(9, commitment_of(91), 1)]
-        ),
+        lambda u: u(set_leaves=[Leaf(9, commitment_of(90), 1), Leaf(9, commitment_of(91), 1)]),
         DuplicateLeaf,
     ),
     (
         "set and cleared",
-        lambda t: t.update(set_leaves=[Leaf(2, commitment_of(92), 1)], clear_positions=[2]),
+        lambda u: u(set_leaves=[Leaf(2, commitment_of(92), 1)], clear_positions=[2]),
         DuplicateLeaf,
     ),
-    ("cleared twice", lambda t: t.update(clear_positions=[1, 1]), DuplicateLeaf),
-    ("clear an empty slot", lambda t: t.update(clear_positions=[1, 7]), DecodeError),
+    ("cleared twice", lambda u: u(clear_positions=[1, 1]), DuplicateLeaf),
+    ("clear an empty slot", lambda u: u(clear_positions=[1, 7]), DecodeError),
     (
         "commitment already used",
-        lambda t: t.update(set_leaves=[Leaf(9, commitment_of(3), 1)]),
+        lambda u: u(set_leaves=[Leaf(9, commitment_of(3), 1)]),
         DuplicateLeaf,
     ),
     (
         "commitment used twice in one update",
-        lambda t: t.update(
-            set_leaves=[Leaf(9, commitment_of(93), 1), Leaf(10, commitment_of(93), 1)]
-        ),
+        lambda u: u(set_leaves=[Leaf(9, commitment_of(93), 1), Leaf(10, commitment_of(93), 1)]),
         DuplicateLeaf,
     ),
     (
         "overflow",
-        lambda t: t.update(set_leaves=[Leaf(9, commitment_of(94), SUM_LIMIT - 1)]),
+        lambda u: u(set_leaves=[Leaf(9, commitment_of(94), SUM_LIMIT - 1)]),
         SumOverflow,
     ),
-    ("bad clear position", lambda t: t.update(clear_positions=[-1]), DecodeError),
-    ("float clear position", lambda t: t.update(clear_positions=[1.0]), FloatRejected),  # type: ignore[list-item]
+    ("bad clear position", lambda u: u(clear_positions=[-1]), DecodeError),
+    ("float clear position", lambda u: u(clear_positions=[1.0]), FloatRejected),  # type: ignore[list-item]
     (
         "wrong expected root",
-        lambda t: t.update(set_leaves=[Leaf(9, commitment_of(95), 1)], expect_root=bytes(32)),
+        lambda u: u(set_leaves=[Leaf(9, commitment_of(95), 1)], expect_root=bytes(32)),
         RootMismatch,
     ),
     (
         "wrong expected total",
-        lambda t: t.update(set_leaves=[Leaf(9, commitment_of(95), 1)], expect_total=1),
+        lambda u: u(set_leaves=[Leaf(9, commitment_of(95), 1)], expect_total=1),
         SumMismatch,
     ),
     (
         "wrong expected count",
-        lambda t: t.update(set_leaves=[Leaf(9, commitment_of(95), 1)], expect_count=6),
+        lambda u: u(set_leaves=[Leaf(9, commitment_of(95), 1)], expect_count=6),
         SumMismatch,
     ),
     (
         "malformed expected root",
-        lambda t: t.update(set_leaves=[Leaf(9, commitment_of(95), 1)], expect_root=b"x"),
+        lambda u: u(set_leaves=[Leaf(9, commitment_of(95), 1)], expect_root=b"x"),
         DecodeError,
     ),
 ]
 
 
+@pytest.mark.parametrize("method", ["update", "plan_update"])
 @pytest.mark.parametrize(
     ("change", "error"),
     [(change, error) for _, change, error in BAD_UPDATES],
     ids=[name for name, _, _ in BAD_UPDATES],
 )
 def test_a_rejected_update_leaves_the_tree_unchanged(
-    change: Callable[[SumTree], None], error: type[Exception]
+    change: Callable[[Updater], object], error: type[Exception], method: str
 ) -> None:
+    # Every check happens while planning: plan_update rejects exactly what update rejects.
     tree = _base_tree()
     before = snapshot(tree)
     proofs = [tree.prove(position) for position in range(6)]
     with pytest.raises(error):
-        change(tree)
+        change(getattr(tree, method))
     assert snapshot(tree) == before
     assert [tree.prove(position) for position in range(6)] == proofs
     # And the tree still updates correctly afterwards.
@@ -887,6 +986,147 @@ def test_a_rejected_update_leaves_the_tree_unchanged(
         depth=4,
     )
     assert snapshot(tree) == snapshot(rebuilt)
+
+
+def _base_change() -> tuple[list[Leaf], list[int], SumTree]:
+    """A change of _base_tree() that sets, replaces, clears and grows the depth, and the tree it
+    should give."""
+    sets = [Leaf(2, commitment_of(20), 9), Leaf(17, commitment_of(17), 5)]
+    clears = [0, 4]
+    after = SumTree.build(
+        ASSET,
+        [
+            Leaf(1, commitment_of(1), 2),
+            Leaf(2, commitment_of(20), 9),
+            Leaf(3, commitment_of(3), 4),
+            Leaf(5, commitment_of(5), 6),
+            Leaf(17, commitment_of(17), 5),
+        ],
+        depth=5,
+    )
+    return sets, clears, after
+
+
+def test_a_plan_does_not_change_the_tree() -> None:
+    tree = _base_tree()
+    before = snapshot(tree)
+    proofs = [tree.prove(position) for position in range(6)]
+    sets, clears, after = _base_change()
+    plan = tree.plan_update(
+        set_leaves=sets,
+        clear_positions=clears,
+        expect_root=after.root,
+        expect_total=after.total,
+        expect_count=after.count,
+    )
+    assert isinstance(plan, TreeUpdate)
+    assert (plan.asset, plan.root, plan.total, plan.count, plan.depth) == (
+        ASSET,
+        after.root,
+        after.total,
+        after.count,
+        after.depth,
+    )
+    assert not plan.applied
+    assert snapshot(tree) == before
+    assert [tree.prove(position) for position in range(6)] == proofs
+    # A second plan of the same change from the same state gives the same result.
+    again = tree.plan_update(set_leaves=sets, clear_positions=clears)
+    assert (again.root, again.total, again.count, again.depth) == (
+        plan.root,
+        plan.total,
+        plan.count,
+        plan.depth,
+    )
+    plan.apply()
+    assert plan.applied
+    assert snapshot(tree) == snapshot(after)
+    assert tree.prove(17) == after.prove(17)
+
+
+def test_plans_for_several_trees_are_all_checked_before_any_is_applied() -> None:
+    # A receiver's multi-asset delta: the second asset's expectation is wrong, so the first
+    # asset's plan, already computed, is simply never applied.
+    first, second = _base_tree(), SumTree.build("BTC", [Leaf(0, commitment_of(0), 1)])
+    first_before, second_before = snapshot(first), snapshot(second)
+    sets, clears, after = _base_change()
+    plans = [first.plan_update(set_leaves=sets, clear_positions=clears, expect_root=after.root)]
+    with pytest.raises(SumMismatch):
+        plans.append(second.plan_update(set_leaves=[Leaf(1, commitment_of(1), 1)], expect_total=1))
+    assert (snapshot(first), snapshot(second)) == (first_before, second_before)
+
+
+def test_applying_after_another_change_raises() -> None:
+    tree = _base_tree()
+    sets, clears, _ = _base_change()
+    stale = tree.plan_update(set_leaves=sets, clear_positions=clears)
+    other = tree.plan_update(set_leaves=[Leaf(9, commitment_of(9), 1)])
+    other.apply()
+    after_other = snapshot(tree)
+    with pytest.raises(InvariantViolation, match="changed since"):
+        stale.apply()
+    assert not stale.applied
+    assert snapshot(tree) == after_other
+    # update() is plan + apply too, so it also makes older plans stale.
+    fresh = tree.plan_update(clear_positions=[9])
+    tree.update(set_leaves=[Leaf(10, commitment_of(10), 1)])
+    with pytest.raises(InvariantViolation):
+        fresh.apply()
+    # Planning alone changes nothing, so an earlier plan stays good...
+    first = tree.plan_update(set_leaves=[Leaf(11, commitment_of(11), 1)])
+    tree.plan_update(clear_positions=[10])
+    first.apply()
+    assert tree.leaf(11) is not None
+    # ...while applying even an empty change makes every older plan stale.
+    last = tree.plan_update(clear_positions=[10])
+    tree.update()
+    with pytest.raises(InvariantViolation):
+        last.apply()
+    assert tree.leaf(10) is not None
+
+
+def test_applying_twice_raises() -> None:
+    tree = _base_tree()
+    sets, clears, after = _base_change()
+    plan = tree.plan_update(set_leaves=sets, clear_positions=clears)
+    plan.apply()
+    with pytest.raises(InvariantViolation, match="applied already"):
+        plan.apply()
+    assert snapshot(tree) == snapshot(after)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=update_batches())
+def test_plan_and_apply_equals_update_equals_a_full_rebuild(
+    case: tuple[dict[int, int], list[tuple[dict[int, int], list[int]]]],
+) -> None:
+    initial, batches = case
+    state = {
+        position: (commitment_of(position), quantity) for position, quantity in initial.items()
+    }
+    planned = SumTree.build(ASSET, leaves_of(state))
+    updated = SumTree.build(ASSET, leaves_of(state))
+    serial = iter(range(10**9))
+    for sets, clears in batches:
+        for position in clears:
+            del state[position]
+        changed = [Leaf(p, commitment_of(-1 - next(serial)), q) for p, q in sets.items()]
+        for leaf in changed:
+            state[leaf.position] = (leaf.commitment, leaf.quantity)
+        before = snapshot(planned)
+        plan = planned.plan_update(set_leaves=changed, clear_positions=clears)
+        assert snapshot(planned) == before
+        plan.apply()
+        updated.update(set_leaves=changed, clear_positions=clears)
+        rebuilt = SumTree.build(ASSET, leaves_of(state), depth=planned.depth)
+        assert (plan.root, plan.total, plan.count, plan.depth) == (
+            rebuilt.root,
+            rebuilt.total,
+            rebuilt.count,
+            rebuilt.depth,
+        )
+        assert snapshot(planned) == snapshot(updated) == snapshot(rebuilt)
+        assert (rebuilt.root, rebuilt.total) == ref_root(ASSET, state, rebuilt.depth)
 
 
 def test_verify_head() -> None:

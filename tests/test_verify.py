@@ -12,19 +12,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attestations.canonical import compute_canonical_bytes
-from attestations.disclosure import DisclosedLeaf, build_trees
+from attestations.disclosure import (
+    ClearedSlot,
+    DisclosedLeaf,
+    LeafDisclosure,
+    ReceiverTrees,
+    compute_asset_roots,
+)
 from attestations.errors import (
     AttestationError,
     BadSignature,
     BrokenChain,
     CounterpartyError,
     DecodeError,
+    DuplicateLeaf,
     Expired,
     ForkDetected,
     FutureDated,
     KeyNotValid,
     MissingQuorum,
     NegativeSum,
+    PolicyViolation,
     RevokedKey,
     RootMismatch,
     SequenceGap,
@@ -32,18 +40,19 @@ from attestations.errors import (
     SumMismatch,
     SumOverflow,
     UnknownKey,
+    WrongStream,
 )
 from attestations.keys import KeyRecord, KeyRole
 from attestations.merkle import SumTree
 from attestations.signing import BlsCosigner, compute_quorum_signature
-from attestations.statement import QuorumSignature, SignedStatement
+from attestations.statement import AssetRoot, QuorumSignature, SignedStatement
 from attestations.verify import (
     ChainHead,
     VerificationPolicy,
     verify_statement,
     verify_statement_signatures,
 )
-from tests.world import CUSTODIAN, NOW, World, custodian_signer, seed
+from tests.world import CUSTODIAN, DECIMALS, EXCHANGE, NOW, World, custodian_signer, seed
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +66,41 @@ def accept(
     *,
     head: ChainHead | None = None,
     now: datetime = NOW,
-    trees: dict[str, SumTree] | None = None,
+    receiver: ReceiverTrees | None = None,
+    disclosure: LeafDisclosure | None = None,
+    history: dict[int, bytes] | None = None,
 ) -> ChainHead:
-    return verify_statement(message, registry=world.registry, head=head, now=now, trees=trees).head
+    """Verify as the exchange of the sample stream and apply the result. Without an explicit
+    receiver, the receiver is fresh (no head) or holds the sample snapshot (with a head); without
+    an explicit disclosure, the sample leaves (snapshot) or no change (delta) come along."""
+    if receiver is None:
+        receiver = world.receiver(after_snapshot=head is not None)
+    if disclosure is None:
+        try:
+            signed = (
+                message if isinstance(message, SignedStatement) else SignedStatement.decode(message)
+            )
+            disclosure = world.disclosure(signed.statement)
+        except DecodeError:  # verify_statement must reject these bytes itself
+            disclosure = world.disclosure(world.statement())
+    verified = verify_statement(
+        message,
+        custodian=CUSTODIAN,
+        exchange=EXCHANGE,
+        registry=world.registry,
+        head=head,
+        now=now,
+        receiver=receiver,
+        disclosure=disclosure,
+        history=history,
+    )
+    verified.trees_plan.apply()
+    return verified.head
 
 
 def test_snapshot_then_delta_chain_is_accepted(world: World) -> None:
     first = world.statement()
-    head = accept(world, world.sign(first).encode(), trees=world.trees())
+    head = accept(world, world.sign(first).encode())
     assert (head.sequence, head.digest) == (1, first.compute_digest())
     second = world.next_statement(first)
     head2 = accept(world, world.sign(second).encode(), head=head, now=NOW + timedelta(seconds=1))
@@ -76,7 +112,6 @@ def test_every_signed_field_is_covered_by_the_signature(world: World) -> None:
     signed = world.sign(world.statement())
     wire = signed.to_wire()
     mutations: dict[str, Any] = {
-        "exchange": "exchange-y",
         "sequence": 1,  # unchanged placeholder replaced below
         "issued_at": "2026-11-25T08:00:00.001Z",
         "expires_at": "2026-11-25T09:00:00.001Z",
@@ -104,10 +139,13 @@ def test_every_signed_field_is_covered_by_the_signature(world: World) -> None:
             accept(world, data)
 
 
-def test_custodian_field_tamper_points_at_a_key_of_another_party(world: World) -> None:
+@pytest.mark.parametrize(
+    ("member", "value"), [("custodian", "custodian-b"), ("exchange", "exchange-y")]
+)
+def test_tampered_stream_members_are_a_wrong_stream(world: World, member: str, value: str) -> None:
     tampered = world.sign(world.statement()).to_wire()
-    tampered["statement"]["custodian"] = "custodian-b"
-    with pytest.raises(UnknownKey):
+    tampered["statement"][member] = value
+    with pytest.raises(WrongStream):
         accept(world, compute_canonical_bytes(tampered))
 
 
@@ -154,7 +192,7 @@ def test_key_outside_its_window_and_rotation() -> None:
     accept(w, w.sign(w.statement(), signer=new_signer))
     early = w.statement(issued_at=NOW - timedelta(days=31))
     with pytest.raises(KeyNotValid):
-        verify_statement_signatures(w.sign(early, signer=new_signer), registry=w.registry)
+        verify_statement_signatures(w.sign(early, signer=new_signer), registry=w.registry, now=NOW)
 
 
 def test_missing_quorum(world: World) -> None:
@@ -232,12 +270,18 @@ def test_fork_two_signed_statements_with_one_sequence(world: World) -> None:
         accept(world, world.sign(other), head=head)
 
 
-def test_broken_chain_previous_and_time(world: World) -> None:
+def test_signed_successor_of_another_statement_is_a_fork(world: World) -> None:
+    # A validly signed N+1 naming a different N proves the custodian signed two N's.
     first = world.statement()
     head = accept(world, world.sign(first))
     wrong_previous = world.next_statement(first, previous=bytes([7]) * 32)
-    with pytest.raises(BrokenChain):
+    with pytest.raises(ForkDetected):
         accept(world, world.sign(wrong_previous), head=head, now=NOW + timedelta(seconds=1))
+
+
+def test_broken_chain_time_runs_backwards(world: World) -> None:
+    first = world.statement()
+    head = accept(world, world.sign(first))
     backwards = world.next_statement(first, issued_at=NOW - timedelta(seconds=1))
     with pytest.raises(BrokenChain):
         accept(world, world.sign(backwards), head=head)
@@ -275,14 +319,15 @@ def test_roots_must_match_the_disclosed_leaves(world: World) -> None:
     signed = world.sign(world.statement())
     changed = [*world.leaves]
     changed[1] = DisclosedLeaf("bob", "BTC", 1, seed("salt-bob-btc"), 43)
+    statement = signed.statement
     with pytest.raises(RootMismatch):
-        accept(world, signed, trees=build_trees(changed))
+        accept(world, signed, disclosure=LeafDisclosure.for_statement(statement, changed))
     swapped = [*world.leaves]
     swapped[1] = DisclosedLeaf("bob", "BTC", 1, seed("another-salt"), 42)
     with pytest.raises(RootMismatch):
-        accept(world, signed, trees=build_trees(swapped))
+        accept(world, signed, disclosure=LeafDisclosure.for_statement(statement, swapped))
     with pytest.raises(RootMismatch):
-        accept(world, signed, trees=build_trees(world.leaves[:3]))
+        accept(world, signed, disclosure=LeafDisclosure.for_statement(statement, world.leaves[:3]))
 
 
 def test_stated_total_that_is_not_the_sum_of_the_leaves(world: World) -> None:
@@ -290,7 +335,7 @@ def test_stated_total_that_is_not_the_sum_of_the_leaves(world: World) -> None:
     lying = (replace(assets[0], total=assets[0].total + 1), assets[1])
     signed = world.sign(world.statement(assets=lying))
     with pytest.raises(SumMismatch):
-        accept(world, signed, trees=world.trees())
+        accept(world, signed)
 
 
 @pytest.mark.parametrize(
@@ -347,7 +392,16 @@ def test_no_single_byte_change_is_accepted_as_something_else(
     value = data.draw(st.integers(min_value=0, max_value=255).filter(lambda v: v != wire[index]))
     wire[index] = value
     try:
-        verified = verify_statement(bytes(wire), registry=world.registry, head=None, now=NOW)
+        verified = verify_statement(
+            bytes(wire),
+            custodian=CUSTODIAN,
+            exchange=EXCHANGE,
+            registry=world.registry,
+            head=None,
+            now=NOW,
+            receiver=world.receiver(),
+            disclosure=world.disclosure(signed.statement),
+        )
     except CounterpartyError:
         return
     # Accepting is only allowed if the change did not change what was signed.
@@ -360,3 +414,193 @@ def test_errors_are_attestation_or_decode_errors(world: World) -> None:
         assert issubclass(cls, AttestationError)
         assert cls.reason
         assert not cls.retriable
+
+
+# --- rules added for receivers of a stream ------------------------------------------------------
+
+
+def test_statement_for_another_exchange_is_not_credited(world: World) -> None:
+    other = replace(world.statement(), exchange="exchange-other")
+    signed = world.sign(other)
+    with pytest.raises(WrongStream):
+        accept(world, signed, disclosure=LeafDisclosure.for_statement(other, world.leaves))
+
+
+def test_revoked_key_cannot_backdate_into_acceptance() -> None:
+    w = World()
+    statement = w.statement(lifetime=timedelta(hours=2))  # dated before the revocation
+    w.registry.revoke(w.signer.key_id, at=NOW + timedelta(minutes=1))
+    with pytest.raises(RevokedKey):
+        accept(w, w.sign(statement), now=NOW + timedelta(minutes=2))
+
+
+def test_lifetime_longer_than_policy(world: World) -> None:
+    with pytest.raises(PolicyViolation):
+        accept(world, world.sign(world.statement(lifetime=timedelta(hours=25))))
+
+
+def test_price_observed_after_issue(world: World) -> None:
+    statement = world.statement()
+    late = replace(statement.prices[0], observed_at=NOW + timedelta(minutes=1))
+    signed = world.sign(replace(statement, prices=(late, statement.prices[1])))
+    with pytest.raises(PolicyViolation):
+        accept(world, signed)
+
+
+@pytest.mark.parametrize("decimals", [{"BTC": 7, "USDC": 6}, {"USDC": 6}])
+def test_asset_decimals_must_match_the_receivers_table(
+    world: World, decimals: dict[str, int]
+) -> None:
+    with pytest.raises(PolicyViolation):
+        accept(world, world.sign(world.statement()), receiver=ReceiverTrees(decimals))
+    assert DECIMALS == {"BTC": 8, "USDC": 6}
+
+
+def test_two_keys_of_one_cosigner_are_one_vote() -> None:
+    w = World()
+    second_key = BlsCosigner.from_seed(seed("cosigner-0-next"))
+    w.registry.rotate(
+        old_key_id=w.cosigners[0].key_id,
+        new=KeyRecord(
+            "cosigner-0",
+            KeyRole.COSIGNER,
+            second_key.public_key,
+            NOW - timedelta(hours=1),
+            proof_of_possession=second_key.proof_of_possession(),
+            signs_for=CUSTODIAN,
+        ),
+        overlap=timedelta(hours=2),
+    )
+    with pytest.raises(MissingQuorum):
+        accept(w, w.sign(w.statement(), cosigners=[w.cosigners[0], second_key]))
+    accept(w, w.sign(w.statement(), cosigners=[second_key, w.cosigners[1]]))
+
+
+def test_replay_is_rejected_before_any_signature_work(world: World) -> None:
+    first = world.statement()
+    head = accept(world, world.sign(first))
+    empty = World.__new__(World)  # a registry that knows no key at all
+    empty.registry = type(world.registry)()
+    empty.leaves = world.leaves
+    with pytest.raises(SequenceReplay):
+        accept(empty, world.sign(first), head=head)
+
+
+def test_different_statement_at_an_older_sequence_is_a_fork(world: World) -> None:
+    first = world.statement()
+    head1 = accept(world, world.sign(first))
+    second = world.next_statement(first)
+    head2 = accept(world, world.sign(second), head=head1, now=NOW + timedelta(seconds=1))
+    history = {1: head1.digest}
+    other_first = world.statement(issued_at=NOW - timedelta(seconds=3))
+    with pytest.raises(ForkDetected):
+        accept(world, world.sign(other_first), head=head2, history=history)
+    with pytest.raises(SequenceReplay):
+        accept(world, world.sign(first), head=head2, history=history)
+
+
+def roots_of(leaves: list[DisclosedLeaf], *, depths: dict[str, int]) -> tuple[AssetRoot, ...]:
+    """The asset roots of ``leaves`` at the given depths, without the one-account-one-leaf rule
+    (so a test can sign a statement that breaks it)."""
+    trees = {
+        asset: SumTree.build(
+            asset, [leaf.to_leaf() for leaf in leaves if leaf.asset == asset], depth=depth
+        )
+        for asset, depth in depths.items()
+    }
+    return compute_asset_roots(trees, decimals=DECIMALS)
+
+
+def _delta_with(world: World, leaves: list[DisclosedLeaf]) -> tuple[SignedStatement, ChainHead]:
+    """A snapshot accepted, then a delta whose roots are those of ``leaves``."""
+    first = world.statement()
+    head = accept(world, world.sign(first))
+    depths = {root.asset: root.depth for root in first.assets}
+    delta = world.next_statement(first, assets=roots_of(leaves, depths=depths))
+    return world.sign(delta), head
+
+
+def test_delta_sets_and_clears_leaves() -> None:
+    w = World()
+    receiver = w.receiver(after_snapshot=True)
+    raised = DisclosedLeaf("bob", "BTC", 1, seed("salt-bob-btc"), 1_000)
+    after = [w.leaves[0], raised, *w.leaves[3:]]  # carol's BTC leaf (position 2) is cleared
+    first = w.statement()
+    head = accept(w, w.sign(first))
+    depths = {root.asset: root.depth for root in first.assets}
+    delta = w.next_statement(first, assets=roots_of(after, depths=depths))
+    disclosure = LeafDisclosure.for_statement(delta, [raised], [ClearedSlot("BTC", 2)])
+    accept(
+        w,
+        w.sign(delta),
+        head=head,
+        now=NOW + timedelta(seconds=1),
+        receiver=receiver,
+        disclosure=disclosure,
+    )
+    assert receiver.trees["BTC"].total == 150_000_000 + 1_000
+    assert receiver.trees["BTC"].count == 2
+    assert receiver.account_at("BTC", 2) is None
+
+
+def test_forged_delta_leaves_the_receiver_unchanged() -> None:
+    w = World()
+    receiver = w.receiver(after_snapshot=True)
+    before = {asset: (t.root, t.total) for asset, t in receiver.trees.items()}
+    mallory = DisclosedLeaf("mallory", "BTC", 3, seed("salt-mallory"), 10**20)
+    signed, head = _delta_with(w, [*w.leaves, mallory])
+    forged = w.sign(signed.statement, signer=custodian_signer("stranger"))
+    with pytest.raises(UnknownKey):
+        accept(
+            w,
+            forged,
+            head=head,
+            now=NOW + timedelta(seconds=1),
+            receiver=receiver,
+            disclosure=LeafDisclosure.for_statement(signed.statement, [mallory]),
+        )
+    assert {asset: (t.root, t.total) for asset, t in receiver.trees.items()} == before
+
+
+def test_delta_cannot_give_an_account_a_second_leaf() -> None:
+    w = World()
+    receiver = w.receiver(after_snapshot=True)
+    second = DisclosedLeaf("alice", "BTC", 3, seed("another-alice-salt"), 5)
+    signed, head = _delta_with(w, [*w.leaves, second])
+    with pytest.raises(DuplicateLeaf):
+        accept(
+            w,
+            signed,
+            head=head,
+            now=NOW + timedelta(seconds=1),
+            receiver=receiver,
+            disclosure=LeafDisclosure.for_statement(signed.statement, [second]),
+        )
+
+
+def test_delta_is_all_or_nothing_across_assets() -> None:
+    w = World()
+    receiver = w.receiver(after_snapshot=True)
+    before = {asset: (t.root, t.total) for asset, t in receiver.trees.items()}
+    btc = DisclosedLeaf("bob", "BTC", 1, seed("salt-bob-btc"), 43)
+    usdc = DisclosedLeaf("dave", "USDC", 1, seed("salt-dave-usdc"), 26)
+    after = [w.leaves[0], btc, w.leaves[2], w.leaves[3], usdc]
+    signed, head = _delta_with(w, after)
+    wrong_usdc = replace(usdc, quantity=27)  # the USDC part does not reach the signed root
+    with pytest.raises(RootMismatch):
+        accept(
+            w,
+            signed,
+            head=head,
+            now=NOW + timedelta(seconds=1),
+            receiver=receiver,
+            disclosure=LeafDisclosure.for_statement(signed.statement, [btc, wrong_usdc]),
+        )
+    assert {asset: (t.root, t.total) for asset, t in receiver.trees.items()} == before
+
+
+def test_disclosure_of_another_statement(world: World) -> None:
+    signed = world.sign(world.statement())
+    other = world.statement(issued_at=NOW - timedelta(seconds=1))
+    with pytest.raises(WrongStream):
+        accept(world, signed, disclosure=LeafDisclosure.for_statement(other, world.leaves))

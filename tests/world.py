@@ -11,7 +11,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from attestations.amounts import Price
-from attestations.disclosure import DisclosedLeaf, build_trees, compute_asset_roots
+from attestations.disclosure import (
+    DisclosedLeaf,
+    LeafDisclosure,
+    ReceiverTrees,
+    build_trees,
+    compute_asset_roots,
+)
 from attestations.keys import KeyRecord, KeyRegistry, KeyRole
 from attestations.merkle import SumTree
 from attestations.p256 import SoftwareP256Signer
@@ -73,20 +79,34 @@ class World:
         self.registry.register(
             KeyRecord(CUSTODIAN, KeyRole.CUSTODIAN, self.signer.public_key, valid_from)
         )
-        for cosigner in self.cosigners:
+        for index, cosigner in enumerate(self.cosigners):
             self.registry.register(
                 KeyRecord(
-                    CUSTODIAN,
+                    f"cosigner-{index}",
                     KeyRole.COSIGNER,
                     cosigner.public_key,
                     valid_from,
                     proof_of_possession=cosigner.proof_of_possession(),
+                    signs_for=CUSTODIAN,
                 )
             )
         self.registry.set_quorum(CUSTODIAN, threshold=2)
 
     def trees(self) -> dict[str, SumTree]:
         return build_trees(self.leaves)
+
+    def receiver(self, *, after_snapshot: bool = False) -> ReceiverTrees:
+        """A fresh exchange-side state, or the one left by accepting the sample snapshot."""
+        if not after_snapshot:
+            return ReceiverTrees(DECIMALS)
+        depths = {root.asset: root.depth for root in self.assets()}
+        return ReceiverTrees.restore(DECIMALS, self.leaves, depths=depths)
+
+    def disclosure(self, statement: Statement) -> LeafDisclosure:
+        """All sample leaves for a snapshot; nothing changed for a delta."""
+        if statement.kind is StatementKind.SNAPSHOT:
+            return LeafDisclosure.for_statement(statement, self.leaves)
+        return LeafDisclosure.for_statement(statement, ())
 
     def assets(self) -> tuple[AssetRoot, ...]:
         return compute_asset_roots(self.trees(), decimals=DECIMALS)
