@@ -128,6 +128,8 @@ class Amount:
 
     def __sub__(self, other: Amount) -> Amount:
         self._same_asset(other)
+        if other.units > self.units:
+            raise AmountError(f"{self.units} - {other.units} {self.asset} would be negative")
         return Amount(self.asset, self.units - other.units)
 
     def _same_asset(self, other: object) -> None:

@@ -189,7 +189,7 @@ def verify_same_history(
     b = verify_checkpoint(second, registry=registry, now=now)
     if (a.custodian, a.log) != (b.custodian, b.log):
         raise DecodeError("the checkpoints are of different logs")
-    earlier, later = (a, b) if a.issued_at <= b.issued_at else (b, a)
+    earlier, later = sorted((a, b), key=lambda c: (c.issued_at, c.head.size))
     if later.head.size < earlier.head.size:
         raise SplitView(
             f"log {a.log} of {a.custodian} shrank from {earlier.head.size} entries at "

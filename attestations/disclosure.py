@@ -337,17 +337,23 @@ class LeafDisclosure:
 
 class TreesPlan:
     """The receiver's trees as they will be once a verified statement is applied, computed
-    without changing anything. :meth:`apply` commits it; it is all or nothing across assets."""
+    without changing anything. :meth:`apply` commits it; it is all or nothing across assets, and
+    it refuses to apply over a receiver that changed since the plan was made."""
 
-    def __init__(self, commit: Callable[[], None]) -> None:
+    def __init__(self, receiver: ReceiverTrees, commit: Callable[[], None]) -> None:
+        self._receiver = receiver
+        self._generation = receiver.generation
         self._commit = commit
         self._applied = False
 
     def apply(self) -> None:
         if self._applied:
             raise InvariantViolation("a trees plan was applied twice")
+        if self._receiver.generation != self._generation:
+            raise InvariantViolation("the receiver's trees changed since this plan was made")
         self._applied = True
         self._commit()
+        self._receiver.generation += 1
 
 
 class ReceiverTrees:
@@ -363,6 +369,7 @@ class ReceiverTrees:
         self._decimals = {validate_asset_code(a): d for a, d in decimals.items()}
         self.trees: dict[str, SumTree] = {}
         self._accounts: dict[str, dict[int, str]] = {}
+        self.generation = 0
 
     @classmethod
     def restore(
@@ -432,7 +439,7 @@ class ReceiverTrees:
             self.trees = trees
             self._accounts = dict(accounts)
 
-        return TreesPlan(commit)
+        return TreesPlan(self, commit)
 
     def _plan_delta(self, statement: Statement, disclosure: LeafDisclosure) -> TreesPlan:
         updates = []
@@ -473,4 +480,4 @@ class ReceiverTrees:
                 self.trees[asset] = tree
             self._accounts.update(new_accounts)
 
-        return TreesPlan(commit)
+        return TreesPlan(self, commit)

@@ -28,6 +28,7 @@ from attestations.errors import (
     MissingQuorum,
     PolicyViolation,
     SequenceGap,
+    SequenceReplay,
 )
 from attestations.p256 import DigestSigner, verify_p256_digest
 from attestations.statement import (
@@ -107,6 +108,8 @@ class Cosigner:
             sequence, last_digest, issued_at = last
             if statement.sequence == sequence and digest != last_digest:
                 raise ForkDetected(f"a second, different statement {sequence} to co-sign")
+            if statement.sequence < sequence:
+                raise SequenceReplay(f"statement {statement.sequence} after co-signed {sequence}")
             if statement.sequence not in (sequence, sequence + 1):
                 raise SequenceGap(f"statement {statement.sequence} after co-signed {sequence}")
             if statement.sequence == sequence + 1 and statement.previous != last_digest:

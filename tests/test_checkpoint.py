@@ -24,6 +24,7 @@ from attestations.errors import (
     BadSignature,
     DecodeError,
     FloatRejected,
+    FutureDated,
     KeyNotValid,
     RevokedKey,
     SplitView,
@@ -33,6 +34,7 @@ from attestations.keys import KeyRecord, KeyRegistry, KeyRole
 from attestations.p256 import SoftwareP256Signer
 from attestations.signing import BlsCosigner
 from attestations.translog import EMPTY_ROOT, TransparencyLog, TreeHead
+from attestations.verify import DEFAULT_MAX_CLOCK_SKEW
 from tests.world import custodian_signer, seed
 
 NOW = datetime(2026, 11, 25, 8, 0, 0, tzinfo=UTC)
@@ -74,11 +76,12 @@ def registry(cosigner: BlsCosigner) -> KeyRegistry:
         p256(CUSTODIAN, KeyRole.EXCHANGE, CUSTODIAN_EXCHANGE_ROLE_SIGNER),
         p256("regulator-eu", KeyRole.REGULATOR, REGULATOR_SIGNER),
         KeyRecord(
-            CUSTODIAN,
+            "auditor-one",
             KeyRole.COSIGNER,
             cosigner.public_key,
             VALID_FROM,
             proof_of_possession=cosigner.proof_of_possession(),
+            signs_for=CUSTODIAN,
         ),
     ]
     return KeyRegistry.of(records, quorums={CUSTODIAN: 1})
@@ -105,12 +108,12 @@ def test_signed_checkpoint_verifies(registry: KeyRegistry) -> None:
     cp = checkpoint()
     result = signed(cp)
     assert result.key_id == SIGNER.key_id
-    assert verify_checkpoint(result, registry=registry) == cp
+    assert verify_checkpoint(result, registry=registry, now=NOW) == cp
 
 
 def test_empty_log_checkpoint_verifies(registry: KeyRegistry) -> None:
     cp = checkpoint(TreeHead(size=0, root=EMPTY_ROOT))
-    assert verify_checkpoint(signed(cp), registry=registry) == cp
+    assert verify_checkpoint(signed(cp), registry=registry, now=NOW) == cp
 
 
 @pytest.mark.parametrize(
@@ -129,7 +132,7 @@ def test_tampered_checkpoint_is_a_bad_signature(
     original = signed()
     tampered = replace(original, checkpoint=replace(original.checkpoint, **changes))
     with pytest.raises(BadSignature):
-        verify_checkpoint(tampered, registry=registry)
+        verify_checkpoint(tampered, registry=registry, now=NOW)
 
 
 def test_tampered_custodian_points_at_a_key_it_does_not_own(registry: KeyRegistry) -> None:
@@ -137,7 +140,7 @@ def test_tampered_custodian_points_at_a_key_it_does_not_own(registry: KeyRegistr
     for custodian in (OTHER_CUSTODIAN, "custodian-z"):
         tampered = replace(original, checkpoint=replace(original.checkpoint, custodian=custodian))
         with pytest.raises(UnknownKey):
-            verify_checkpoint(tampered, registry=registry)
+            verify_checkpoint(tampered, registry=registry, now=NOW)
 
 
 def test_tampered_signature_bytes(registry: KeyRegistry) -> None:
@@ -145,10 +148,12 @@ def test_tampered_signature_bytes(registry: KeyRegistry) -> None:
     flipped = bytearray(original.signature)
     flipped[40] ^= 0x01
     with pytest.raises(BadSignature):
-        verify_checkpoint(replace(original, signature=bytes(flipped)), registry=registry)
+        verify_checkpoint(replace(original, signature=bytes(flipped)), registry=registry, now=NOW)
     another = signed(checkpoint(issued_at=NOW + timedelta(seconds=1)))
     with pytest.raises(BadSignature):
-        verify_checkpoint(replace(original, signature=another.signature), registry=registry)
+        verify_checkpoint(
+            replace(original, signature=another.signature), registry=registry, now=NOW
+        )
 
 
 def test_tampered_wire_is_a_bad_signature(registry: KeyRegistry) -> None:
@@ -158,7 +163,7 @@ def test_tampered_wire_is_a_bad_signature(registry: KeyRegistry) -> None:
         tampered["checkpoint"][key] = value
         decoded = SignedCheckpoint.decode(json.dumps(tampered).encode())
         with pytest.raises(BadSignature):
-            verify_checkpoint(decoded, registry=registry)
+            verify_checkpoint(decoded, registry=registry, now=NOW)
 
 
 def test_a_statement_domain_signature_is_not_a_checkpoint_signature(
@@ -169,7 +174,7 @@ def test_a_statement_domain_signature_is_not_a_checkpoint_signature(
     cross_domain = SIGNER.sign_digest(compute_digest(domain=DOMAIN_STATEMENT, obj=cp.to_wire()))
     forged = SignedCheckpoint(checkpoint=cp, key_id=SIGNER.key_id, signature=cross_domain)
     with pytest.raises(BadSignature):
-        verify_checkpoint(forged, registry=registry)
+        verify_checkpoint(forged, registry=registry, now=NOW)
 
 
 # --- which keys may sign ------------------------------------------------------------------------
@@ -184,7 +189,7 @@ def test_only_the_custodian_key_signs_checkpoints(
     registry: KeyRegistry, signer: SoftwareP256Signer
 ) -> None:
     with pytest.raises(UnknownKey):
-        verify_checkpoint(signed(signer=signer), registry=registry)
+        verify_checkpoint(signed(signer=signer), registry=registry, now=NOW)
 
 
 def test_a_cosigner_id_cannot_stand_for_the_custodian(
@@ -195,24 +200,81 @@ def test_a_cosigner_id_cannot_stand_for_the_custodian(
         checkpoint=original.checkpoint, key_id=cosigner.key_id, signature=original.signature
     )
     with pytest.raises(UnknownKey):
-        verify_checkpoint(claimed, registry=registry)
+        verify_checkpoint(claimed, registry=registry, now=NOW)
 
 
-def test_revoked_key_boundary() -> None:
+def revoked_at_now() -> KeyRegistry:
+    """The custodian key alone, revoked at NOW."""
     registry = KeyRegistry()
     registry.register(KeyRecord(CUSTODIAN, KeyRole.CUSTODIAN, SIGNER.public_key, VALID_FROM))
     registry.revoke(SIGNER.key_id, at=NOW)
-    verify_checkpoint(signed(checkpoint(issued_at=NOW - MS)), registry=registry)
+    return registry
+
+
+def test_revoked_key_boundary() -> None:
+    registry = revoked_at_now()
+    verify_checkpoint(signed(checkpoint(issued_at=NOW - MS)), registry=registry, now=NOW - MS)
     with pytest.raises(RevokedKey):
-        verify_checkpoint(signed(checkpoint(issued_at=NOW)), registry=registry)
+        verify_checkpoint(signed(checkpoint(issued_at=NOW)), registry=registry, now=NOW)
+    later = NOW + timedelta(days=1)
     with pytest.raises(RevokedKey):
-        verify_checkpoint(signed(checkpoint(issued_at=NOW + timedelta(days=1))), registry=registry)
+        verify_checkpoint(signed(checkpoint(issued_at=later)), registry=registry, now=later)
+
+
+def test_revoked_key_cannot_backdate_a_checkpoint() -> None:
+    registry = revoked_at_now()
+    backdated = signed(checkpoint(issued_at=NOW - timedelta(hours=1)))
+    verify_checkpoint(backdated, registry=registry, now=NOW - MS)
+    # Once the verifier's clock has passed the revocation, the date the key wrote counts for
+    # nothing: whoever holds a revoked key can write any date.
+    with pytest.raises(RevokedKey):
+        verify_checkpoint(backdated, registry=registry, now=NOW)
+    with pytest.raises(RevokedKey):
+        verify_checkpoint(backdated, registry=registry, now=NOW + timedelta(days=30))
 
 
 def test_checkpoint_outside_the_key_window(registry: KeyRegistry) -> None:
     with pytest.raises(KeyNotValid):
-        verify_checkpoint(signed(checkpoint(issued_at=VALID_FROM - MS)), registry=registry)
-    verify_checkpoint(signed(checkpoint(issued_at=VALID_FROM)), registry=registry)
+        verify_checkpoint(signed(checkpoint(issued_at=VALID_FROM - MS)), registry=registry, now=NOW)
+    verify_checkpoint(signed(checkpoint(issued_at=VALID_FROM)), registry=registry, now=NOW)
+
+
+# --- time ---------------------------------------------------------------------------------------
+
+
+def test_future_dated_checkpoint_is_refused(registry: KeyRegistry) -> None:
+    skew = DEFAULT_MAX_CLOCK_SKEW
+    assert skew > timedelta(0)
+    at_the_edge = checkpoint(issued_at=NOW + skew)
+    assert verify_checkpoint(signed(at_the_edge), registry=registry, now=NOW) == at_the_edge
+    with pytest.raises(FutureDated):
+        verify_checkpoint(signed(checkpoint(issued_at=NOW + skew + MS)), registry=registry, now=NOW)
+    with pytest.raises(FutureDated):
+        verify_checkpoint(
+            signed(checkpoint(issued_at=NOW + timedelta(days=365))), registry=registry, now=NOW
+        )
+
+
+def test_the_clock_skew_is_the_verifiers_choice(registry: KeyRegistry) -> None:
+    ahead = signed(checkpoint(issued_at=NOW + timedelta(seconds=5)))
+    verify_checkpoint(ahead, registry=registry, now=NOW, max_clock_skew=timedelta(seconds=5))
+    with pytest.raises(FutureDated):
+        verify_checkpoint(ahead, registry=registry, now=NOW, max_clock_skew=timedelta(seconds=4))
+    with pytest.raises(FutureDated):
+        verify_checkpoint(
+            signed(checkpoint(issued_at=NOW + MS)),
+            registry=registry,
+            now=NOW,
+            max_clock_skew=timedelta(0),
+        )
+
+
+def test_a_checkpoint_from_the_future_cannot_be_compared(registry: KeyRegistry) -> None:
+    present = signed(checkpoint(issued_at=NOW))
+    future = signed(checkpoint(issued_at=NOW + timedelta(hours=1)))
+    for first, second in ((present, future), (future, present)):
+        with pytest.raises(FutureDated):
+            verify_same_history(first, second, registry=registry, proof=None, now=NOW)
 
 
 # --- constructors -------------------------------------------------------------------------------
@@ -266,7 +328,7 @@ def test_wire_round_trip(registry: KeyRegistry) -> None:
     decoded = SignedCheckpoint.decode(data)
     assert decoded == original
     assert decoded.encode() == data
-    assert verify_checkpoint(decoded, registry=registry) == original.checkpoint
+    assert verify_checkpoint(decoded, registry=registry, now=NOW) == original.checkpoint
 
 
 def wire() -> dict[str, Any]:
@@ -367,8 +429,20 @@ def logs() -> Iterator[tuple[TransparencyLog, TransparencyLog]]:
         forked.close()
 
 
-def signed_head(log: TransparencyLog, size: int, *, log_name: str = EXCHANGE) -> SignedCheckpoint:
-    return signed(checkpoint(log.head(size), log=log_name))
+LATER = NOW + timedelta(minutes=1)  # when the two parties compare what they were shown
+
+
+def signed_head(
+    log: TransparencyLog,
+    size: int,
+    *,
+    log_name: str = EXCHANGE,
+    issued_at: datetime | None = None,
+) -> SignedCheckpoint:
+    """The custodian's checkpoint of ``log`` at ``size``, issued (unless told otherwise) one
+    second per entry after NOW: as an honest log grows, its checkpoints get later."""
+    at = NOW + timedelta(seconds=size) if issued_at is None else issued_at
+    return signed(checkpoint(log.head(size), log=log_name, issued_at=at))
 
 
 def _pairs(sizes: Sequence[int]) -> list[tuple[int, int]]:
@@ -382,12 +456,58 @@ def test_honest_log_shows_one_history(
     for a, b in _pairs([0, 1, 2, 3, 4]):
         proof = honest.prove_consistency(min(a, b), max(a, b))
         verify_same_history(
-            signed_head(honest, a), signed_head(honest, b), registry=registry, proof=proof
+            signed_head(honest, a),
+            signed_head(honest, b),
+            registry=registry,
+            proof=proof,
+            now=LATER,
         )
         if a == b:
             verify_same_history(
-                signed_head(honest, a), signed_head(honest, b), registry=registry, proof=None
+                signed_head(honest, a),
+                signed_head(honest, b),
+                registry=registry,
+                proof=None,
+                now=LATER,
             )
+
+
+def test_a_log_that_did_not_grow_is_one_history(
+    registry: KeyRegistry, logs: tuple[TransparencyLog, TransparencyLog]
+) -> None:
+    honest, _ = logs
+    earlier = signed_head(honest, 3)
+    again = signed_head(honest, 3, issued_at=NOW + timedelta(seconds=30))
+    for first, second in ((earlier, again), (again, earlier)):
+        verify_same_history(first, second, registry=registry, proof=None, now=LATER)
+
+
+def test_a_later_checkpoint_with_fewer_entries_is_a_rollback(
+    registry: KeyRegistry, logs: tuple[TransparencyLog, TransparencyLog]
+) -> None:
+    honest, _ = logs
+    seen_by_a = signed_head(honest, 4, issued_at=NOW + timedelta(seconds=4))
+    # B is shown, later, the log as it was at size 2: a prefix of A's, so a consistency proof
+    # joins them; only the dates show that the custodian rolled B's view back.
+    seen_by_b = signed_head(honest, 2, issued_at=NOW + timedelta(seconds=10))
+    proof = honest.prove_consistency(2, 4)
+    for first, second in ((seen_by_a, seen_by_b), (seen_by_b, seen_by_a)):
+        with pytest.raises(SplitView):
+            verify_same_history(first, second, registry=registry, proof=proof, now=LATER)
+    # The same two heads, dated in the order the log grew, are one history.
+    earlier_b = signed_head(honest, 2, issued_at=NOW + timedelta(seconds=2))
+    verify_same_history(seen_by_a, earlier_b, registry=registry, proof=proof, now=LATER)
+
+
+def test_checkpoints_of_one_instant_compare_the_same_in_either_order(
+    registry: KeyRegistry, logs: tuple[TransparencyLog, TransparencyLog]
+) -> None:
+    honest, _ = logs
+    small = signed_head(honest, 2, issued_at=NOW)
+    large = signed_head(honest, 4, issued_at=NOW)  # two appends within one millisecond
+    proof = honest.prove_consistency(2, 4)
+    verify_same_history(small, large, registry=registry, proof=proof, now=LATER)
+    verify_same_history(large, small, registry=registry, proof=proof, now=LATER)
 
 
 def test_fork_at_the_same_size_is_a_split_view(
@@ -396,13 +516,13 @@ def test_fork_at_the_same_size_is_a_split_view(
     honest, forked = logs
     seen_by_a, seen_by_b = signed_head(honest, 3), signed_head(forked, 3)
     # Both checkpoints carry the custodian's valid signature: evidence, not an accusation.
-    verify_checkpoint(seen_by_a, registry=registry)
-    verify_checkpoint(seen_by_b, registry=registry)
+    verify_checkpoint(seen_by_a, registry=registry, now=LATER)
+    verify_checkpoint(seen_by_b, registry=registry, now=LATER)
     with pytest.raises(SplitView):
-        verify_same_history(seen_by_a, seen_by_b, registry=registry, proof=None)
+        verify_same_history(seen_by_a, seen_by_b, registry=registry, proof=None, now=LATER)
     with pytest.raises(SplitView):
         verify_same_history(
-            seen_by_b, seen_by_a, registry=registry, proof=honest.prove_consistency(3, 3)
+            seen_by_b, seen_by_a, registry=registry, proof=honest.prove_consistency(3, 3), now=LATER
         )
 
 
@@ -423,9 +543,9 @@ def test_fork_at_different_sizes_is_a_split_view(
     source = honest if prover == "honest" else forked
     proof = source.prove_consistency(min(honest_size, forked_size), max(honest_size, forked_size))
     with pytest.raises(SplitView):
-        verify_same_history(seen_by_a, seen_by_b, registry=registry, proof=proof)
+        verify_same_history(seen_by_a, seen_by_b, registry=registry, proof=proof, now=LATER)
     with pytest.raises(SplitView):
-        verify_same_history(seen_by_b, seen_by_a, registry=registry, proof=proof)
+        verify_same_history(seen_by_b, seen_by_a, registry=registry, proof=proof, now=LATER)
 
 
 def test_shared_prefix_is_not_a_split_view(
@@ -438,6 +558,7 @@ def test_shared_prefix_is_not_a_split_view(
         signed_head(honest, 2),
         registry=registry,
         proof=forked.prove_consistency(2, 5),
+        now=LATER,
     )
 
 
@@ -448,13 +569,14 @@ def test_signatures_are_checked_before_histories_are_compared(
     genuine = signed_head(honest, 3)
     forged = replace(genuine, checkpoint=checkpoint(forked.head(3)))
     with pytest.raises(BadSignature):
-        verify_same_history(genuine, forged, registry=registry, proof=None)
+        verify_same_history(genuine, forged, registry=registry, proof=None, now=LATER)
     with pytest.raises(UnknownKey):
         verify_same_history(
             genuine,
             sign_checkpoint(checkpoint(forked.head(3)), signer=STRANGER),
             registry=registry,
             proof=None,
+            now=LATER,
         )
 
 
@@ -464,13 +586,17 @@ def test_checkpoints_of_different_logs_cannot_be_compared(
     honest, _ = logs
     other_log = signed_head(honest, 3, log_name="exchange-y")
     with pytest.raises(DecodeError):
-        verify_same_history(signed_head(honest, 3), other_log, registry=registry, proof=None)
+        verify_same_history(
+            signed_head(honest, 3), other_log, registry=registry, proof=None, now=LATER
+        )
     other_custodian = sign_checkpoint(
         checkpoint(honest.head(3), custodian=OTHER_CUSTODIAN), signer=OTHER_CUSTODIAN_SIGNER
     )
-    verify_checkpoint(other_custodian, registry=registry)
+    verify_checkpoint(other_custodian, registry=registry, now=LATER)
     with pytest.raises(DecodeError):
-        verify_same_history(signed_head(honest, 3), other_custodian, registry=registry, proof=None)
+        verify_same_history(
+            signed_head(honest, 3), other_custodian, registry=registry, proof=None, now=LATER
+        )
 
 
 def test_different_sizes_need_the_matching_consistency_proof(
@@ -479,6 +605,8 @@ def test_different_sizes_need_the_matching_consistency_proof(
     honest, _ = logs
     small, large = signed_head(honest, 2), signed_head(honest, 4)
     with pytest.raises(DecodeError):
-        verify_same_history(small, large, registry=registry, proof=None)
+        verify_same_history(small, large, registry=registry, proof=None, now=LATER)
     with pytest.raises(DecodeError):
-        verify_same_history(small, large, registry=registry, proof=honest.prove_consistency(1, 4))
+        verify_same_history(
+            small, large, registry=registry, proof=honest.prove_consistency(1, 4), now=LATER
+        )

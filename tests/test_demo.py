@@ -11,13 +11,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import Any, Self
 
 import pytest
 
 from attestations import hsm
-from attestations.canonical import compute_canonical_bytes, parse_json_object
-from attestations.statement import SignedStatement, StatementKind
+from attestations.canonical import compute_canonical_bytes, format_timestamp, parse_json_object
+from attestations.statement import SignedStatement, Statement, StatementKind
 from attestations.translog import TransparencyLog
 from mcb.cli import main
 from mcb.demo import DemoResult, run_demo
@@ -53,18 +55,40 @@ def softhsm_demo(softhsm_conf: SoftHsm, tmp_path_factory: pytest.TempPathFactory
     return DemoRun(workdir=workdir, result=result, lines=lines)
 
 
-def verify_proof(workdir: Path) -> int:
-    return main(
-        [
-            "verify-proof",
-            "--statement",
-            str(workdir / "statement.json"),
-            "--registry",
-            str(workdir / "registry.json"),
-            "--proof",
-            str(workdir / "client-proof.json"),
-        ]
-    )
+def verify_proof(workdir: Path, *, at: datetime | str | None = None) -> int:
+    """``mcb verify-proof`` on the files in ``workdir``, as of ``at`` (default: the clock)."""
+    argv = [
+        "verify-proof",
+        "--statement",
+        str(workdir / "statement.json"),
+        "--registry",
+        str(workdir / "registry.json"),
+        "--proof",
+        str(workdir / "client-proof.json"),
+    ]
+    if at is not None:
+        argv += ["--at", at if isinstance(at, str) else format_timestamp(at)]
+    return main(argv)
+
+
+def latest_statement(workdir: Path) -> Statement:
+    return SignedStatement.decode((workdir / "statement.json").read_bytes()).statement
+
+
+def last_output(capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any] | None, str]:
+    """The JSON line ``verify-proof`` printed (None if it printed none) and its stderr."""
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    return (json.loads(lines[-1]) if lines else None), captured.err.strip()
+
+
+VERIFIED = {
+    "account": "client-bob",
+    "asset": "BTC",
+    "quantity": str(BOB_BTC),
+    "sequence": 2,
+    "verified": True,
+}
 
 
 @pytest.mark.softhsm
@@ -90,18 +114,71 @@ def test_demo_on_softhsm_verifies_two_statements_and_a_client_proof(
 
 
 @pytest.mark.softhsm
-def test_verify_proof_accepts_the_demo_files(
+def test_verify_proof_accepts_the_demo_files_during_the_statements_life(
     softhsm_demo: DemoRun, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert verify_proof(softhsm_demo.workdir) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert json.loads(out[-1]) == {
-        "account": "client-bob",
-        "asset": "BTC",
-        "quantity": str(BOB_BTC),
-        "sequence": 2,
-        "verified": True,
-    }
+    statement = latest_statement(softhsm_demo.workdir)
+    for at in (statement.issued_at, statement.expires_at - timedelta(milliseconds=1)):
+        assert verify_proof(softhsm_demo.workdir, at=at) == 0
+        assert last_output(capsys) == (VERIFIED, "")
+
+
+@pytest.mark.softhsm
+@pytest.mark.parametrize(
+    ("when", "error"),
+    [
+        ("at expiry", "Expired (expired)"),
+        ("a day after expiry", "Expired (expired)"),
+        ("before issue, beyond the clock skew", "FutureDated (future_dated)"),
+    ],
+)
+def test_verify_proof_checks_the_statement_time(
+    softhsm_demo: DemoRun, capsys: pytest.CaptureFixture[str], when: str, error: str
+) -> None:
+    statement = latest_statement(softhsm_demo.workdir)
+    at = {
+        "at expiry": statement.expires_at,
+        "a day after expiry": statement.expires_at + timedelta(days=1),
+        "before issue, beyond the clock skew": statement.issued_at - timedelta(minutes=1),
+    }[when]
+    assert verify_proof(softhsm_demo.workdir, at=at) == 2
+    verified, err = last_output(capsys)
+    assert verified is None
+    assert err.startswith(f"mcb: {error}: ")
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.softhsm
+def test_verify_proof_refuses_a_malformed_at(
+    softhsm_demo: DemoRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert verify_proof(softhsm_demo.workdir, at="2026-11-25 08:00") == 2
+    verified, err = last_output(capsys)
+    assert verified is None
+    assert err.startswith("mcb: DecodeError (malformed): ")
+
+
+class SubMillisecondClock(datetime):
+    """The system clock, with microseconds that are not a whole millisecond (as they almost
+    always are), so that the test below does not depend on the moment it runs: a signed time
+    carries whole milliseconds, and the command must round the clock before using it."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> Self:
+        real = super().now(tz)
+        return real.replace(microsecond=real.microsecond - real.microsecond % 1000 + 1)
+
+
+@pytest.mark.softhsm
+def test_verify_proof_defaults_to_now_right_after_the_demo(
+    softhsm_demo: DemoRun, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statement = latest_statement(softhsm_demo.workdir)
+    assert statement.issued_at <= datetime.now(UTC) < statement.expires_at
+    monkeypatch.setattr("mcb.cli.datetime", SubMillisecondClock)
+    code = verify_proof(softhsm_demo.workdir)
+    assert last_output(capsys) == (VERIFIED, "")
+    assert code == 0
 
 
 def _tamper_quantity(workdir: Path) -> None:
@@ -147,8 +224,9 @@ def test_verify_proof_rejects_tampered_files(
 ) -> None:
     for name in FILES:
         shutil.copy(softhsm_demo.workdir / name, tmp_path / name)
+    issued_at = latest_statement(tmp_path).issued_at
     tamper(tmp_path)
-    assert verify_proof(tmp_path) == 2
+    assert verify_proof(tmp_path, at=issued_at) == 2
     captured = capsys.readouterr()
     assert '"verified"' not in captured.out
     message = captured.err.strip()

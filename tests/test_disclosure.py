@@ -23,8 +23,11 @@ from attestations.amounts import UNITS_LIMIT
 from attestations.canonical import compute_canonical_bytes, parse_json_object
 from attestations.disclosure import (
     MAX_POSITION,
+    ClearedSlot,
     ClientProof,
     DisclosedLeaf,
+    LeafDisclosure,
+    ReceiverTrees,
     build_trees,
     compute_asset_roots,
     compute_salt,
@@ -36,9 +39,13 @@ from attestations.errors import (
     DuplicateLeaf,
     FloatRejected,
     InvalidProof,
+    InvariantViolation,
     NegativeSum,
+    PolicyViolation,
+    RootMismatch,
     SumMismatch,
     SumOverflow,
+    WrongStream,
 )
 from attestations.merkle import InclusionProof, Leaf, SumTree, compute_account_commitment
 from attestations.statement import GENESIS_PREVIOUS, AssetRoot, Statement, StatementKind
@@ -166,6 +173,28 @@ def test_salt_secret_must_be_at_least_32_bytes() -> None:
     with pytest.raises(DecodeError):
         compute_salt(secret=b"", exchange=EXCHANGE, account="alice", asset="BTC")
     compute_salt(secret=SECRET + b"more", exchange=EXCHANGE, account="alice", asset="BTC")
+
+
+@pytest.mark.parametrize(
+    ("member", "value"),
+    [
+        ("exchange", "Exchange X"),
+        ("exchange", ""),
+        ("exchange", None),
+        ("account", "alice smith"),
+        ("account", ""),
+        ("account", "a" * 129),
+        ("asset", "btc"),
+        ("asset", "B"),
+        ("asset", None),
+    ],
+)
+def test_salt_inputs_are_validated(member: str, value: Any) -> None:
+    # Free-form inputs could collide across the 0x00 separators; only valid ids are salted.
+    inputs: dict[str, Any] = {"exchange": EXCHANGE, "account": "alice", "asset": "BTC"}
+    inputs[member] = value
+    with pytest.raises(DecodeError):
+        compute_salt(secret=SECRET, **inputs)
 
 
 # --- DisclosedLeaf ------------------------------------------------------------------------------
@@ -583,3 +612,438 @@ def test_every_disclosed_leaf_yields_a_verifying_client_proof(leaves: list[Discl
         )
         decoded = ClientProof.from_wire(parse_json_object(compute_canonical_bytes(proof.to_wire())))
         assert verify_client_proof(decoded, statement=statement) == item.quantity
+
+
+# --- what a receiver gets with each statement ---------------------------------------------------
+
+BOB_MOVED = DisclosedLeaf("bob", "BTC", 3, salt("bob", "BTC"), 42)
+"""bob's BTC leaf moved from position 1 to the free position 3 (same account, same salt)."""
+
+
+def depths_of(statement: Statement) -> dict[str, int]:
+    return {root.asset: root.depth for root in statement.assets}
+
+
+def delta_after(
+    previous: Statement, leaves: list[DisclosedLeaf], *, sequence: int | None = None
+) -> Statement:
+    """The delta that follows ``previous`` and whose roots are those of ``leaves`` at
+    ``previous``'s depths. The trees are built directly, without the one-account-one-leaf rule,
+    so that a test can sign roots that break it."""
+    trees = {
+        asset: SumTree.build(
+            asset, [item.to_leaf() for item in leaves if item.asset == asset], depth=depth
+        )
+        for asset, depth in depths_of(previous).items()
+    }
+    return make_statement(
+        trees,
+        sequence=previous.sequence + 1 if sequence is None else sequence,
+        previous=previous.compute_digest(),
+        kind=StatementKind.DELTA,
+        issued_at=previous.issued_at + timedelta(seconds=1),
+        expires_at=previous.expires_at + timedelta(seconds=1),
+    )
+
+
+def moved_leaves() -> list[DisclosedLeaf]:
+    return [
+        BOB_MOVED if (item.account, item.asset) == ("bob", "BTC") else item
+        for item in sample_leaves()
+    ]
+
+
+MOVE = delta_after(STATEMENT, moved_leaves())
+
+
+def move_disclosure() -> LeafDisclosure:
+    return LeafDisclosure.for_statement(MOVE, [BOB_MOVED], [ClearedSlot("BTC", 1)])
+
+
+# --- ClearedSlot --------------------------------------------------------------------------------
+
+
+def test_cleared_slot_bounds_and_round_trip() -> None:
+    for slot in (ClearedSlot("BTC", 0), ClearedSlot("USDC", MAX_POSITION)):
+        wire = slot.to_wire()
+        assert wire == {"asset": slot.asset, "position": slot.position}
+        assert ClearedSlot.from_wire(parse_json_object(compute_canonical_bytes(wire))) == slot
+
+
+@pytest.mark.parametrize(
+    ("asset", "position"),
+    [
+        ("btc", 0),
+        ("B", 0),
+        (None, 0),
+        ("BTC", -1),
+        ("BTC", MAX_POSITION + 1),
+        ("BTC", True),
+        ("BTC", "1"),
+        ("BTC", 1.0),
+        ("BTC", None),
+    ],
+)
+def test_cleared_slot_rejects(asset: Any, position: Any) -> None:
+    with pytest.raises(DecodeError):
+        ClearedSlot(asset, position)
+    with pytest.raises(DecodeError):
+        ClearedSlot.from_wire({"asset": asset, "position": position})
+
+
+def test_cleared_slot_members_are_exact() -> None:
+    good = ClearedSlot("BTC", 1).to_wire()
+    for key in good:
+        wire = dict(good)
+        del wire[key]
+        with pytest.raises(DecodeError):
+            ClearedSlot.from_wire(wire)
+    with pytest.raises(DecodeError):
+        ClearedSlot.from_wire({**good, "account": "bob"})
+    for not_an_object in ([good], None, "BTC:1"):
+        with pytest.raises(DecodeError):
+            ClearedSlot.from_wire(not_an_object)
+
+
+# --- LeafDisclosure -----------------------------------------------------------------------------
+
+
+def test_disclosure_is_bound_to_its_statement() -> None:
+    disclosure = move_disclosure()
+    assert (disclosure.custodian, disclosure.exchange, disclosure.sequence) == (
+        CUSTODIAN,
+        EXCHANGE,
+        2,
+    )
+    assert disclosure.statement_digest == MOVE.compute_digest()
+    assert disclosure.set_leaves == (BOB_MOVED,)
+    assert disclosure.clear == (ClearedSlot("BTC", 1),)
+    snapshot = LeafDisclosure.for_statement(STATEMENT, sample_leaves())
+    assert snapshot.clear == ()
+    assert snapshot.statement_digest == STATEMENT.compute_digest()
+
+
+def test_disclosure_wire_round_trip() -> None:
+    for original in (move_disclosure(), LeafDisclosure.for_statement(STATEMENT, sample_leaves())):
+        data = compute_canonical_bytes(original.to_wire())
+        decoded = LeafDisclosure.from_wire(parse_json_object(data))
+        assert decoded == original
+        assert compute_canonical_bytes(decoded.to_wire()) == data
+    wire = move_disclosure().to_wire()
+    assert wire["set"] == [BOB_MOVED.to_wire()]
+    assert wire["clear"] == [{"asset": "BTC", "position": 1}]
+    assert wire["statement"] == MOVE.compute_digest().hex()
+
+
+def disclosure_wire() -> dict[str, Any]:
+    return copy.deepcopy(move_disclosure().to_wire())
+
+
+@pytest.mark.parametrize("level", ["disclosure", "set", "clear"])
+def test_disclosure_members_are_exact(level: str) -> None:
+    def target(wire: dict[str, Any]) -> dict[str, Any]:
+        inner: dict[str, Any] = wire if level == "disclosure" else wire[level][0]
+        return inner
+
+    for key in sorted(target(disclosure_wire())):
+        wire = disclosure_wire()
+        del target(wire)[key]
+        with pytest.raises(DecodeError):
+            LeafDisclosure.from_wire(wire)
+    wire = disclosure_wire()
+    target(wire)["note"] = "x"
+    with pytest.raises(DecodeError):
+        LeafDisclosure.from_wire(wire)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("version", 2),
+        ("version", True),
+        ("version", "1"),
+        ("version", None),
+        ("custodian", "Custodian A"),
+        ("exchange", None),
+        ("sequence", 0),
+        ("sequence", "2"),
+        ("sequence", True),
+        ("sequence", 2**53),
+        ("statement", MOVE.compute_digest().hex().upper()),
+        ("statement", MOVE.compute_digest().hex()[:-2]),
+        ("statement", None),
+        ("set", {}),
+        ("set", None),
+        ("set", "[]"),
+        ("clear", None),
+        ("clear", {"asset": "BTC", "position": 1}),
+        ("set.0", None),
+        ("set.0", []),
+        ("set.0.quantity", 42),
+        ("set.0.position", "3"),
+        ("set.0.salt", salt("bob", "BTC").hex().upper()),
+        ("clear.0", ["BTC", 1]),
+        ("clear.0.asset", "btc"),
+        ("clear.0.asset", 1),
+        ("clear.0.position", "1"),
+        ("clear.0.position", True),
+        ("clear.0.position", -1),
+        ("clear.0.position", MAX_POSITION + 1),
+    ],
+)
+def test_disclosure_strict_decoding(path: str, value: Any) -> None:
+    wire = disclosure_wire()
+    *parents, last = path.split(".")
+    target: Any = wire
+    for part in parents:
+        target = target[int(part)] if part.isdigit() else target[part]
+    target[int(last) if last.isdigit() else last] = value
+    with pytest.raises(DecodeError):
+        LeafDisclosure.from_wire(wire)
+
+
+def test_a_float_in_a_disclosure_is_rejected() -> None:
+    data = json.dumps(disclosure_wire()).replace('"sequence": 2', '"sequence": 2.0').encode()
+    with pytest.raises(FloatRejected):
+        LeafDisclosure.from_wire(parse_json_object(data))
+
+
+def test_disclosure_is_limited_to_max_leaves() -> None:
+    wire = LeafDisclosure.for_statement(STATEMENT, sample_leaves()).to_wire()
+    count = len(HOLDINGS)
+    assert len(LeafDisclosure.from_wire(wire, max_leaves=count).set_leaves) == count
+    with pytest.raises(DecodeError):
+        LeafDisclosure.from_wire(wire, max_leaves=count - 1)
+    clears = [ClearedSlot("BTC", 0), ClearedSlot("BTC", 2)]
+    wire = LeafDisclosure.for_statement(MOVE, [], clears).to_wire()
+    assert len(LeafDisclosure.from_wire(wire, max_leaves=2).clear) == 2
+    with pytest.raises(DecodeError):
+        LeafDisclosure.from_wire(wire, max_leaves=1)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"version": 2},
+        {"custodian": "Custodian A"},
+        {"exchange": ""},
+        {"sequence": 0},
+        {"sequence": True},
+        {"statement_digest": bytes(31)},
+        {"statement_digest": MOVE.compute_digest().hex()},
+        {"set_leaves": (BOB_MOVED.to_wire(),)},
+        {"clear": (("BTC", 1),)},
+    ],
+)
+def test_disclosure_rejects(changes: dict[str, Any]) -> None:
+    with pytest.raises(DecodeError):
+        replace(move_disclosure(), **changes)
+
+
+# --- ReceiverTrees ------------------------------------------------------------------------------
+
+
+def heads(receiver: ReceiverTrees) -> dict[str, tuple[bytes, int, int, int]]:
+    return {
+        asset: (tree.root, tree.total, tree.count, tree.depth)
+        for asset, tree in receiver.trees.items()
+    }
+
+
+def stated_heads(statement: Statement) -> dict[str, tuple[bytes, int, int, int]]:
+    return {r.asset: (r.root, r.total, r.count, r.depth) for r in statement.assets}
+
+
+def owners(receiver: ReceiverTrees) -> dict[tuple[str, int], str | None]:
+    """Who holds each position of each asset, over more positions than any test uses."""
+    return {
+        (asset, position): receiver.account_at(asset, position)
+        for asset in ("BTC", "USDC", "ETH")
+        for position in range(8)
+    }
+
+
+def after_snapshot() -> ReceiverTrees:
+    receiver = ReceiverTrees(DECIMALS)
+    receiver.plan(STATEMENT, LeafDisclosure.for_statement(STATEMENT, sample_leaves())).apply()
+    return receiver
+
+
+def test_snapshot_is_planned_then_applied() -> None:
+    receiver = ReceiverTrees(DECIMALS)
+    plan = receiver.plan(STATEMENT, LeafDisclosure.for_statement(STATEMENT, sample_leaves()))
+    # Planning checked everything and changed nothing.
+    assert receiver.trees == {}
+    assert set(owners(receiver).values()) == {None}
+    plan.apply()
+    assert heads(receiver) == stated_heads(STATEMENT)
+    for account, asset, position, _ in HOLDINGS:
+        assert receiver.account_at(asset, position) == account
+    assert receiver.account_at("BTC", 3) is None
+    assert receiver.account_at("ETH", 0) is None
+
+
+def test_delta_plan_changes_nothing_before_it_is_applied() -> None:
+    receiver = after_snapshot()
+    before_heads, before_owners = heads(receiver), owners(receiver)
+    plan = receiver.plan(MOVE, move_disclosure())
+    assert heads(receiver) == before_heads
+    assert owners(receiver) == before_owners
+    plan.apply()
+    assert heads(receiver) == stated_heads(MOVE)
+    assert heads(receiver) != before_heads
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "delta"])
+def test_a_plan_applies_once(kind: str) -> None:
+    receiver = ReceiverTrees(DECIMALS) if kind == "snapshot" else after_snapshot()
+    statement, disclosure = (
+        (STATEMENT, LeafDisclosure.for_statement(STATEMENT, sample_leaves()))
+        if kind == "snapshot"
+        else (MOVE, move_disclosure())
+    )
+    plan = receiver.plan(statement, disclosure)
+    plan.apply()
+    applied_heads, applied_owners = heads(receiver), owners(receiver)
+    with pytest.raises(InvariantViolation):
+        plan.apply()
+    assert heads(receiver) == applied_heads == stated_heads(statement)
+    assert owners(receiver) == applied_owners
+
+
+@pytest.mark.parametrize("deeper", [False, True])
+def test_restore_is_the_state_the_snapshot_left(deeper: bool) -> None:
+    statement = STATEMENT
+    if deeper:  # positions are stable and trees never shrink: depth need not be the smallest
+        statement = make_statement(
+            {
+                asset: SumTree.build(asset, list(tree.iter_leaves()), depth=tree.depth + 2)
+                for asset, tree in TREES.items()
+            }
+        )
+    applied = ReceiverTrees(DECIMALS)
+    applied.plan(statement, LeafDisclosure.for_statement(statement, sample_leaves())).apply()
+    restored = ReceiverTrees.restore(DECIMALS, sample_leaves(), depths=depths_of(statement))
+    assert heads(restored) == heads(applied) == stated_heads(statement)
+    assert owners(restored) == owners(applied)
+    # And both go on the same way: the same delta is accepted by both, with the same result.
+    move = delta_after(statement, moved_leaves())
+    disclosure = LeafDisclosure.for_statement(move, [BOB_MOVED], [ClearedSlot("BTC", 1)])
+    for receiver in (applied, restored):
+        receiver.plan(move, disclosure).apply()
+    assert heads(restored) == heads(applied) == stated_heads(move)
+    assert owners(restored) == owners(applied)
+
+
+def test_restore_keeps_an_asset_whose_leaves_are_all_gone() -> None:
+    restored = ReceiverTrees.restore(DECIMALS, [], depths={"BTC": 2})
+    assert heads(restored) == {"BTC": (SumTree("BTC", depth=2).root, 0, 0, 2)}
+
+
+def test_delta_may_move_an_account_to_another_position() -> None:
+    receiver = after_snapshot()
+    receiver.plan(MOVE, move_disclosure()).apply()
+    assert heads(receiver) == stated_heads(MOVE)
+    assert receiver.account_at("BTC", 1) is None
+    assert receiver.account_at("BTC", 3) == "bob"
+    assert receiver.account_at("USDC", 1) == "dave"  # other assets untouched
+
+
+@pytest.mark.parametrize(
+    "second_salt",
+    [hashlib.sha256(b"a second salt for bob").digest(), salt("bob", "BTC")],
+    ids=["fresh salt: only the account check can see it", "same salt"],
+)
+def test_delta_cannot_give_an_account_a_second_position(second_salt: bytes) -> None:
+    receiver = after_snapshot()
+    before_heads, before_owners = heads(receiver), owners(receiver)
+    second = replace(BOB_MOVED, salt=second_salt)
+    statement = MOVE
+    if second_salt != salt("bob", "BTC"):
+        # Signed roots that include both of bob's leaves, so the roots would match.
+        statement = delta_after(STATEMENT, [*sample_leaves(), second])
+    with pytest.raises(DuplicateLeaf):
+        receiver.plan(statement, LeafDisclosure.for_statement(statement, [second]))
+    assert heads(receiver) == before_heads
+    assert owners(receiver) == before_owners
+
+
+def test_delta_cannot_set_one_account_twice_in_one_go() -> None:
+    receiver = after_snapshot()
+    twice = [
+        DisclosedLeaf("zed", "BTC", 3, salt("zed", "BTC"), 1),
+        DisclosedLeaf("zed", "BTC", 2, hashlib.sha256(b"zed again").digest(), 1),
+    ]
+    with pytest.raises(DuplicateLeaf):
+        receiver.plan(MOVE, LeafDisclosure.for_statement(MOVE, twice))
+
+
+def test_setting_an_occupied_position_replaces_its_leaf() -> None:
+    receiver = after_snapshot()
+    erin = DisclosedLeaf("erin", "BTC", 1, salt("erin", "BTC"), 5)
+    leaves = [erin if (i.account, i.asset) == ("bob", "BTC") else i for i in sample_leaves()]
+    statement = delta_after(STATEMENT, leaves)
+    receiver.plan(statement, LeafDisclosure.for_statement(statement, [erin])).apply()
+    assert receiver.account_at("BTC", 1) == "erin"
+    assert "bob" not in {receiver.account_at("BTC", p) for p in range(8)}
+    assert heads(receiver) == stated_heads(statement)
+
+
+@pytest.mark.parametrize(
+    "decimals",
+    [{"BTC": 8}, {"USDC": 6}, {"BTC": 7, "USDC": 6}, {"BTC": 8, "USDC": 18}],
+    ids=["USDC unknown", "BTC unknown", "BTC decimals differ", "USDC decimals differ"],
+)
+def test_the_receivers_asset_table_decides(decimals: dict[str, int]) -> None:
+    receiver = ReceiverTrees(decimals)
+    with pytest.raises(PolicyViolation):
+        receiver.plan(STATEMENT, LeafDisclosure.for_statement(STATEMENT, sample_leaves()))
+    assert receiver.trees == {}
+    # An asset the receiver knows but the statement does not mention is fine.
+    ReceiverTrees({**DECIMALS, "ETH": 18}).plan(
+        STATEMENT, LeafDisclosure.for_statement(STATEMENT, sample_leaves())
+    ).apply()
+
+
+def test_delta_with_other_decimals_is_refused_after_a_snapshot() -> None:
+    receiver = after_snapshot()
+    before = heads(receiver)
+    btc, usdc = MOVE.assets
+    other = replace(MOVE, assets=(replace(btc, decimals=7), usdc))
+    with pytest.raises(PolicyViolation):
+        receiver.plan(
+            other, LeafDisclosure.for_statement(other, [BOB_MOVED], move_disclosure().clear)
+        )
+    assert heads(receiver) == before
+
+
+def test_a_disclosure_of_another_statement_is_refused() -> None:
+    receiver = after_snapshot()
+    with pytest.raises(WrongStream):
+        receiver.plan(MOVE, LeafDisclosure.for_statement(STATEMENT, [BOB_MOVED]))
+    other_exchange = replace(move_disclosure(), exchange="exchange-y")
+    with pytest.raises(WrongStream):
+        receiver.plan(MOVE, other_exchange)
+
+
+def test_a_snapshot_disclosure_lists_leaves_and_clears_nothing() -> None:
+    receiver = ReceiverTrees(DECIMALS)
+    disclosure = LeafDisclosure.for_statement(STATEMENT, sample_leaves(), [ClearedSlot("BTC", 1)])
+    with pytest.raises(DecodeError):
+        receiver.plan(STATEMENT, disclosure)
+    assert receiver.trees == {}
+
+
+def test_a_snapshot_missing_a_leaf_does_not_reach_the_roots() -> None:
+    receiver = ReceiverTrees(DECIMALS)
+    with pytest.raises(RootMismatch):
+        receiver.plan(STATEMENT, LeafDisclosure.for_statement(STATEMENT, sample_leaves()[1:]))
+
+
+def test_a_plan_made_before_another_plan_was_applied_is_refused() -> None:
+    receiver = after_snapshot()
+    stale = receiver.plan(MOVE, move_disclosure())
+    resnapshot = LeafDisclosure.for_statement(STATEMENT, sample_leaves())
+    receiver.plan(STATEMENT, resnapshot).apply()
+    with pytest.raises(InvariantViolation):
+        stale.apply()

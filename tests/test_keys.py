@@ -35,7 +35,9 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 MS = timedelta(milliseconds=1)
 NONE = timedelta(0)
 CUSTODIAN = "custodian-a"
+OTHER_CUSTODIAN = "custodian-b"
 EXCHANGE = "exchange-x"
+COSIGNER_PARTY = "auditor-one"
 
 P256_KEY = custodian_signer("keys-custodian").public_key
 P256_OTHER = custodian_signer("keys-other").public_key
@@ -79,11 +81,12 @@ def other_cosigner() -> BlsCosigner:
 @pytest.fixture(scope="module")
 def cosigner_record(cosigner: BlsCosigner) -> KeyRecord:
     return KeyRecord(
-        CUSTODIAN,
+        COSIGNER_PARTY,
         KeyRole.COSIGNER,
         cosigner.public_key,
         T0,
         proof_of_possession=cosigner.proof_of_possession(),
+        signs_for=CUSTODIAN,
     )
 
 
@@ -153,24 +156,99 @@ def test_key_record_window_needs_one_millisecond() -> None:
 
 def test_cosigner_record_needs_a_bls_key_and_a_proof(cosigner: BlsCosigner) -> None:
     with pytest.raises(DecodeError):
-        KeyRecord(CUSTODIAN, KeyRole.COSIGNER, cosigner.public_key, T0)
-    with pytest.raises(DecodeError):
-        KeyRecord(CUSTODIAN, KeyRole.COSIGNER, P256_KEY, T0, proof_of_possession=bytes(96))
+        KeyRecord(COSIGNER_PARTY, KeyRole.COSIGNER, cosigner.public_key, T0, signs_for=CUSTODIAN)
     with pytest.raises(DecodeError):
         KeyRecord(
-            CUSTODIAN,
+            COSIGNER_PARTY,
+            KeyRole.COSIGNER,
+            P256_KEY,
+            T0,
+            proof_of_possession=bytes(96),
+            signs_for=CUSTODIAN,
+        )
+    with pytest.raises(DecodeError):
+        KeyRecord(
+            COSIGNER_PARTY,
             KeyRole.COSIGNER,
             cosigner.public_key,
             T0,
             proof_of_possession="00" * 96,  # type: ignore[arg-type]
+            signs_for=CUSTODIAN,
         )
+
+
+# --- signs_for: the custodian a co-signer key co-signs for ------------------------------------
+
+
+def test_cosigner_record_names_the_cosigner_and_the_custodian(
+    cosigner_record: KeyRecord,
+) -> None:
+    assert cosigner_record.owner == COSIGNER_PARTY
+    assert cosigner_record.signs_for == CUSTODIAN
+    # What the key signs is the custodian's statements; who holds it is the co-signer.
+    assert cosigner_record.principal == CUSTODIAN
+    custodian = p256_record()
+    assert custodian.signs_for is None
+    assert custodian.principal == CUSTODIAN
+    assert p256_record(owner=EXCHANGE, role=KeyRole.EXCHANGE).principal == EXCHANGE
+
+
+@pytest.mark.parametrize(
+    "signs_for",
+    [None, "", "Custodian A", "custodian a", "a" * 65, 7, COSIGNER_PARTY],
+    ids=["missing", "empty", "upper case", "space", "too long", "not a string", "itself"],
+)
+def test_cosigner_key_needs_a_valid_signs_for(cosigner_record: KeyRecord, signs_for: Any) -> None:
+    with pytest.raises(DecodeError):
+        replace(cosigner_record, signs_for=signs_for)
+
+
+@pytest.mark.parametrize("role", [KeyRole.CUSTODIAN, KeyRole.EXCHANGE, KeyRole.REGULATOR])
+def test_signs_for_on_a_role_other_than_cosigner_is_refused(role: KeyRole) -> None:
+    # A custodian key that "signs for" another custodian would let one party speak for another.
+    with pytest.raises(DecodeError):
+        p256_record(role=role, signs_for=OTHER_CUSTODIAN)
+    with pytest.raises(DecodeError):
+        p256_record(role=role, signs_for=CUSTODIAN)
+    assert p256_record(role=role, signs_for=None).signs_for is None
+
+
+def test_cosigner_record_wire_round_trip(cosigner_record: KeyRecord) -> None:
+    wire = cosigner_record.to_wire()
+    assert wire["owner"] == COSIGNER_PARTY
+    assert wire["signs_for"] == CUSTODIAN
+    decoded = KeyRecord.from_wire(parse_json_object(compute_canonical_bytes(wire)))
+    assert decoded == cosigner_record
+    assert decoded.principal == CUSTODIAN
+    assert p256_record().to_wire()["signs_for"] is None
+    assert KeyRecord.from_wire(p256_record().to_wire()) == p256_record()
+
+
+@pytest.mark.parametrize(
+    ("record", "signs_for"),
+    [
+        ("cosigner", None),
+        ("cosigner", "Custodian A"),
+        ("cosigner", 1),
+        ("cosigner", COSIGNER_PARTY),
+        ("custodian", CUSTODIAN),
+        ("custodian", OTHER_CUSTODIAN),
+    ],
+)
+def test_strict_signs_for_decoding(
+    cosigner_record: KeyRecord, record: str, signs_for: object
+) -> None:
+    wire = (cosigner_record if record == "cosigner" else p256_record()).to_wire()
+    wire["signs_for"] = signs_for
+    with pytest.raises(DecodeError):
+        KeyRecord.from_wire(wire)
 
 
 # --- registration -------------------------------------------------------------------------------
 
 
 def test_registered_cosigner_resolves(bls_registry: KeyRegistry, cosigner: BlsCosigner) -> None:
-    record = bls_registry.resolve(cosigner.key_id, owner=CUSTODIAN, role=KeyRole.COSIGNER, at=T0)
+    record = find(bls_registry, cosigner.key_id, principal=CUSTODIAN, role=KeyRole.COSIGNER)
     assert record.public_key == cosigner.public_key
 
 
@@ -194,7 +272,7 @@ def test_bls_key_without_its_own_proof_of_possession_is_refused(
             registry.register(replace(cosigner_record, proof_of_possession=proof))
         assert registry.records() == (), name
         with pytest.raises(UnknownKey):
-            registry.resolve(cosigner.key_id, owner=CUSTODIAN, role=KeyRole.COSIGNER, at=T0)
+            find(registry, cosigner.key_id, principal=CUSTODIAN, role=KeyRole.COSIGNER)
     # Nothing of the refused attempts lingers: the real proof registers the key.
     registry.register(cosigner_record)
     assert registry.records() == (cosigner_record,)
@@ -226,7 +304,7 @@ def test_p256_key_off_the_curve_is_refused(public_key: bytes) -> None:
     with pytest.raises(DecodeError):
         registry.register(record)
     with pytest.raises(UnknownKey):
-        registry.resolve(record.key_id, owner=CUSTODIAN, role=KeyRole.CUSTODIAN, at=T0)
+        find(registry, record.key_id, principal=CUSTODIAN, role=KeyRole.CUSTODIAN)
 
 
 def test_duplicate_registration_is_refused() -> None:
@@ -252,34 +330,60 @@ def test_register_returns_the_record_and_records_are_ordered_by_key_id() -> None
 # --- resolve ------------------------------------------------------------------------------------
 
 
-def test_resolve_requires_id_owner_and_role(
+def find(registry: KeyRegistry, key_id: str, *, principal: str, role: KeyRole) -> KeyRecord:
+    """``registry.resolve`` for something dated and verified at T0."""
+    return registry.resolve(key_id, principal=principal, role=role, at=T0, now=T0)
+
+
+def test_resolve_requires_id_principal_and_role(
     bls_registry: KeyRegistry, cosigner: BlsCosigner
 ) -> None:
     key_id = p256_record().key_id
-    assert bls_registry.resolve(key_id, owner=CUSTODIAN, role=KeyRole.CUSTODIAN, at=T0)
+    assert find(bls_registry, key_id, principal=CUSTODIAN, role=KeyRole.CUSTODIAN)
     with pytest.raises(UnknownKey):
-        bls_registry.resolve("ab" * 32, owner=CUSTODIAN, role=KeyRole.CUSTODIAN, at=T0)
+        find(bls_registry, "ab" * 32, principal=CUSTODIAN, role=KeyRole.CUSTODIAN)
     with pytest.raises(UnknownKey):
-        bls_registry.resolve(key_id, owner="custodian-b", role=KeyRole.CUSTODIAN, at=T0)
+        find(bls_registry, key_id, principal=OTHER_CUSTODIAN, role=KeyRole.CUSTODIAN)
     with pytest.raises(UnknownKey):
-        bls_registry.resolve(key_id, owner=CUSTODIAN, role=KeyRole.EXCHANGE, at=T0)
+        find(bls_registry, key_id, principal=CUSTODIAN, role=KeyRole.EXCHANGE)
     with pytest.raises(UnknownKey):
-        bls_registry.resolve(cosigner.key_id, owner=CUSTODIAN, role=KeyRole.CUSTODIAN, at=T0)
+        find(bls_registry, cosigner.key_id, principal=CUSTODIAN, role=KeyRole.CUSTODIAN)
+
+
+def test_a_cosigner_key_resolves_for_the_custodian_it_signs_for_only(
+    bls_registry: KeyRegistry, cosigner: BlsCosigner
+) -> None:
+    record = find(bls_registry, cosigner.key_id, principal=CUSTODIAN, role=KeyRole.COSIGNER)
+    assert (record.owner, record.signs_for) == (COSIGNER_PARTY, CUSTODIAN)
+    # Not for the co-signer party itself, nor for a custodian it was not registered under.
+    for principal in (COSIGNER_PARTY, OTHER_CUSTODIAN):
+        with pytest.raises(UnknownKey):
+            find(bls_registry, cosigner.key_id, principal=principal, role=KeyRole.COSIGNER)
 
 
 def test_an_exchange_key_is_not_a_custodian_key_even_for_the_same_owner() -> None:
     record = p256_record(role=KeyRole.EXCHANGE)
     registry = registry_of(record)
-    registry.resolve(record.key_id, owner=CUSTODIAN, role=KeyRole.EXCHANGE, at=T0)
+    find(registry, record.key_id, principal=CUSTODIAN, role=KeyRole.EXCHANGE)
     with pytest.raises(UnknownKey):
-        registry.resolve(record.key_id, owner=CUSTODIAN, role=KeyRole.CUSTODIAN, at=T0)
+        find(registry, record.key_id, principal=CUSTODIAN, role=KeyRole.CUSTODIAN)
 
 
 # --- revocation ---------------------------------------------------------------------------------
 
 
-def _resolve(registry: KeyRegistry, record: KeyRecord, at: datetime) -> KeyRecord:
-    return registry.resolve(record.key_id, owner=record.owner, role=record.role, at=at)
+def _resolve(
+    registry: KeyRegistry, record: KeyRecord, at: datetime, *, now: datetime | None = None
+) -> KeyRecord:
+    """Resolve ``record``'s key for what it signs, dated ``at`` and (unless told otherwise)
+    verified at that same moment."""
+    return registry.resolve(
+        record.key_id,
+        principal=record.principal,
+        role=record.role,
+        at=at,
+        now=at if now is None else now,
+    )
 
 
 def test_revocation_takes_effect_exactly_at_its_time() -> None:
@@ -318,6 +422,33 @@ def test_revoking_an_unknown_key_or_at_a_naive_time_is_refused() -> None:
     with pytest.raises(DecodeError):
         registry.revoke(record.key_id, at=(T0 + timedelta(days=1)).replace(tzinfo=None))
     assert registry.records() == (record,)
+
+
+def test_revoked_key_is_refused_from_revocation_on_whatever_date_it_writes() -> None:
+    record = p256_record()
+    registry = registry_of(record)
+    revoked_at = T0 + timedelta(days=10)
+    registry.revoke(record.key_id, at=revoked_at)
+    dated = revoked_at - timedelta(days=1)
+    # Verified before the revocation, something dated before it is fine ...
+    _resolve(registry, record, dated, now=revoked_at - MS)
+    # ... but from the revocation on, a stolen key could write any earlier date: refused.
+    with pytest.raises(RevokedKey):
+        _resolve(registry, record, dated, now=revoked_at)
+    with pytest.raises(RevokedKey):
+        _resolve(registry, record, T0, now=revoked_at + timedelta(days=365))
+    with pytest.raises(RevokedKey):
+        registry.records()[0].check_usable(at=dated, now=revoked_at)
+    registry.records()[0].check_usable(at=dated, now=revoked_at - MS)
+
+
+def test_check_usable_needs_utc_millisecond_times() -> None:
+    record = p256_record()
+    record.check_usable(at=T0, now=T0)
+    with pytest.raises(DecodeError):
+        record.check_usable(at=T0, now=T0.replace(tzinfo=None))
+    with pytest.raises(DecodeError):
+        record.check_usable(at=T0 + timedelta(microseconds=1), now=T0 + timedelta(days=1))
 
 
 def test_revocation_wins_over_an_open_window() -> None:
@@ -411,13 +542,55 @@ def test_rotation_to_a_cosigner_key_without_its_proof_changes_nothing(
 ) -> None:
     registry = registry_of(cosigner_record)
     new = KeyRecord(
-        CUSTODIAN,
+        COSIGNER_PARTY,
         KeyRole.COSIGNER,
         other_cosigner.public_key,
         T0 + timedelta(days=1),
         proof_of_possession=b"",
+        signs_for=CUSTODIAN,
     )
     with pytest.raises(InvalidProofOfPossession):
+        registry.rotate(old_key_id=cosigner_record.key_id, new=new)
+    assert registry.records() == (cosigner_record,)
+
+
+def _next_cosigner_key(
+    other_cosigner: BlsCosigner, *, owner: str = COSIGNER_PARTY, signs_for: str = CUSTODIAN
+) -> KeyRecord:
+    return KeyRecord(
+        owner,
+        KeyRole.COSIGNER,
+        other_cosigner.public_key,
+        T0 + timedelta(days=1),
+        proof_of_possession=other_cosigner.proof_of_possession(),
+        signs_for=signs_for,
+    )
+
+
+def test_cosigner_rotation_keeps_signs_for(
+    cosigner_record: KeyRecord, other_cosigner: BlsCosigner
+) -> None:
+    registry = registry_of(cosigner_record)
+    new = _next_cosigner_key(other_cosigner)
+    registry.rotate(old_key_id=cosigner_record.key_id, new=new, overlap=timedelta(hours=1))
+    rotated = _resolve(registry, new, T0 + timedelta(days=2))
+    assert (rotated.owner, rotated.signs_for) == (COSIGNER_PARTY, CUSTODIAN)
+    _resolve(registry, cosigner_record, T0 + timedelta(days=1, minutes=59))
+    with pytest.raises(KeyNotValid):
+        _resolve(registry, cosigner_record, T0 + timedelta(days=1, hours=1))
+
+
+@pytest.mark.parametrize(
+    ("owner", "signs_for"),
+    [(COSIGNER_PARTY, OTHER_CUSTODIAN), ("trustee-two", CUSTODIAN)],
+    ids=["another custodian", "another co-signer party"],
+)
+def test_cosigner_rotation_that_changes_who_or_for_whom_is_refused(
+    cosigner_record: KeyRecord, other_cosigner: BlsCosigner, owner: str, signs_for: str
+) -> None:
+    registry = registry_of(cosigner_record)
+    new = _next_cosigner_key(other_cosigner, owner=owner, signs_for=signs_for)
+    with pytest.raises(ConfigurationError):
         registry.rotate(old_key_id=cosigner_record.key_id, new=new)
     assert registry.records() == (cosigner_record,)
 
@@ -469,6 +642,8 @@ def test_registry_round_trip(cosigner_record: KeyRecord) -> None:
         _resolve(decoded, exchange, revoked_at)
     with pytest.raises(KeyNotValid):
         _resolve(decoded, custodian, T0 + timedelta(days=365))
+    cosigner = _resolve(decoded, cosigner_record, T0)
+    assert (cosigner.owner, cosigner.signs_for) == (COSIGNER_PARTY, CUSTODIAN)
 
 
 def test_registry_bytes_do_not_depend_on_registration_order() -> None:
@@ -521,6 +696,8 @@ def test_the_fixture_registry_decodes() -> None:
         {"valid_from": "2026-01-01T00:00:00Z"},
         {"valid_from": None},
         {"valid_until": "2025-12-31T23:59:59.999Z"},  # before valid_from
+        {"signs_for": CUSTODIAN},  # a custodian key signs for no one else
+        {"signs_for": ""},
         {"revoked_at": 0},
     ],
 )
