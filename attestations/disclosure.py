@@ -417,7 +417,8 @@ class ReceiverTrees:
         touched = {leaf.asset for leaf in disclosure.set_leaves} | {
             s.asset for s in disclosure.clear
         }
-        if missing := (touched | set(self.trees)) - stated:
+        held = {asset for asset, tree in self.trees.items() if tree.count}
+        if missing := (touched | held) - stated:
             raise RootMismatch(f"assets {sorted(missing)} have leaves but no root in the statement")
         if statement.kind is StatementKind.SNAPSHOT:
             return self._plan_snapshot(statement, disclosure)

@@ -25,10 +25,13 @@ on it and measures, each for about S seconds (and at least a few calls):
                                beforehand; co-signers are separate parties signing in parallel,
                                one ``bls_sign_ms`` each.
 * ``verify_statement_ms``      attestations.verify.verify_statement on the wire bytes of that
-                               statement, as an exchange does: decode, key look-up, P-256, BLS
-                               quorum, time, chain (first statement) and the roots against the
-                               exchange's trees. Measured with milagro when it is installed and
-                               with py-ecc (``verify_statement_ms_py_ecc``).
+                               statement, as the exchange of its stream does with no statement
+                               accepted yet: decode, stream, key look-up, P-256, BLS quorum of
+                               distinct co-signers, time and policy, chain (first statement),
+                               and the trees rebuilt from the snapshot's leaf disclosure against
+                               the signed roots (planned, not applied, so every call starts from
+                               the same empty receiver). Measured with milagro when it is
+                               installed and with py-ecc (``verify_statement_ms_py_ecc``).
 
 Both backends must produce identical public keys, signatures and aggregates for the same inputs in
 the same run; otherwise the benchmark fails. Human-readable lines first; the last line is one JSON
@@ -62,7 +65,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attestations import bls
 from attestations.amounts import Price
 from attestations.canonical import truncate_to_millis
-from attestations.disclosure import DisclosedLeaf, build_trees, compute_asset_roots
+from attestations.disclosure import (
+    DisclosedLeaf,
+    LeafDisclosure,
+    ReceiverTrees,
+    build_trees,
+    compute_asset_roots,
+)
 from attestations.errors import BridgeError
 from attestations.hsm import Pkcs11Signer, generate_p256_key, reinitialize_library
 from attestations.keys import KeyRecord, KeyRegistry, KeyRole
@@ -339,15 +348,17 @@ def build_statement_setup(
     )
     valid_from = now - timedelta(days=1)
     records = [KeyRecord(CUSTODIAN, KeyRole.CUSTODIAN, signer.public_key, valid_from)]
+    # One party per co-signer key: the quorum counts distinct parties.
     records += [
         KeyRecord(
-            CUSTODIAN,
+            f"cosigner-bench-{index}",
             KeyRole.COSIGNER,
             cosigner.public_key,
             valid_from,
             proof_of_possession=cosigner.proof_of_possession(),
+            signs_for=CUSTODIAN,
         )
-        for cosigner in cosigners
+        for index, cosigner in enumerate(cosigners)
     ]
     registry = KeyRegistry.of(records, quorums={CUSTODIAN: threshold})
     digest = statement.compute_digest()
@@ -369,11 +380,23 @@ def bench_statement(
 def bench_verify_statement(
     wire: bytes, setup: StatementSetup, *, seconds: float, now: datetime
 ) -> Measurement:
-    trees = build_trees(setup.leaves)  # the exchange's trees, rebuilt from the disclosed leaves
-    return measure(
-        lambda: verify_statement(wire, registry=setup.registry, head=None, now=now, trees=trees),
-        seconds=seconds,
-    )
+    # An exchange that has accepted nothing yet, and the snapshot's disclosure (every leaf).
+    receiver = ReceiverTrees(DECIMALS)
+    disclosure = LeafDisclosure.for_statement(setup.statement, setup.leaves)
+
+    def verify() -> None:
+        verify_statement(
+            wire,
+            custodian=CUSTODIAN,
+            exchange=EXCHANGE,
+            registry=setup.registry,
+            head=None,
+            now=now,
+            receiver=receiver,
+            disclosure=disclosure,
+        )
+
+    return measure(verify, seconds=seconds)
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -460,7 +483,7 @@ def run_statement(
     )
     print(
         f"  verify_statement    {verify_m.median_ms:9.3f} ms   ({backend}; "
-        "decode, keys, P-256, quorum, time, chain, roots)"
+        "decode, stream, keys, P-256, quorum, time, chain, leaves)"
     )
     verify_py_ecc = verify_m
     if backend != "py_ecc":

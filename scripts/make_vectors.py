@@ -53,7 +53,6 @@ from attestations.canonical import (
     compute_key_id,
     format_timestamp,
     parse_json_object,
-    parse_timestamp,
 )
 from attestations.checkpoint import (
     Checkpoint,
@@ -63,8 +62,11 @@ from attestations.checkpoint import (
     verify_same_history,
 )
 from attestations.disclosure import (
+    ClearedSlot,
     ClientProof,
     DisclosedLeaf,
+    LeafDisclosure,
+    ReceiverTrees,
     build_trees,
     compute_asset_roots,
     compute_salt,
@@ -109,7 +111,12 @@ from attestations.translog import (
     verify_log_inclusion,
 )
 from attestations.translog import compute_leaf_hash as compute_log_leaf_hash
-from attestations.verify import ChainHead, VerificationPolicy, verify_statement
+from attestations.verify import (
+    ChainHead,
+    VerificationPolicy,
+    authenticate_statement,
+    verify_statement,
+)
 
 VECTORS_DIR: Final = ROOT / "tests" / "vectors"
 FILES: Final = (
@@ -126,6 +133,9 @@ OK: Final = "ok"
 SEED_PREFIX: Final = b"mcb-vectors/"
 T0: Final = datetime(2026, 1, 15, 9, 0, tzinfo=UTC)
 """``issued_at`` of the first statement; every other time is an offset from it."""
+NOW_1: Final = T0 + timedelta(seconds=5)
+NOW_2: Final = T0 + timedelta(seconds=65)
+"""The receiver's clock when sequence 1, and sequence 2 (issued at T0 + 60 s), arrive."""
 CUSTODIAN: Final = "custodian-a"
 EXCHANGE: Final = "exchange-x"
 DECIMALS: Final = {"BTC": 8, "USDC": 6}
@@ -172,6 +182,11 @@ def confirm(name: str, expected: str, action: Callable[[], object]) -> str:
 
 def wire_copy(obj: JsonObject) -> JsonObject:
     return copy.deepcopy(obj)
+
+
+def wire_bytes(obj: JsonObject) -> bytes:
+    """What a receiver gets for a stored wire object: its RFC 8785 bytes."""
+    return compute_canonical_bytes(obj)
 
 
 def render(doc: JsonObject) -> str:
@@ -304,13 +319,30 @@ P256_LABELS: Final = (
     "custodian-unregistered",
     "exchange-primary",
 )
-COSIGNER_COUNT: Final = 4
-"""Co-signers 0, 1 and 2 are registered (quorum 2 of 3); co-signer 3 is not."""
+OTHER_CUSTODIAN: Final = "custodian-b"
+COSIGNER_KEYS: Final = (
+    ("cosigner-0", "cosigner-0", CUSTODIAN),
+    ("cosigner-1", "cosigner-1", CUSTODIAN),
+    ("cosigner-2", "cosigner-2", CUSTODIAN),
+    ("cosigner-3", "cosigner-3", CUSTODIAN),
+    ("cosigner-0-next", "cosigner-0", CUSTODIAN),
+    ("cosigner-1-for-b", "cosigner-1", OTHER_CUSTODIAN),
+)
+"""(key label, co-signer party, custodian co-signed for) of every BLS key, by index. Keys 0-2 are
+three parties registered for custodian-a (quorum 2); key 3 is not registered; key 4 is co-signer
+0's second key (a rotation overlap: the same party, one vote); key 5 is co-signer 1's key for
+another custodian, which must not count for custodian-a."""
+COSIGNER_0_NEXT: Final = 4
+COSIGNER_1_FOR_B: Final = 5
+UNREGISTERED_COSIGNER: Final = 3
+REGISTERED_COSIGNERS: Final = (0, 1, 2, COSIGNER_0_NEXT, COSIGNER_1_FOR_B)
 
 
 @dataclass(frozen=True, slots=True)
 class Cosigner:
-    index: int
+    label: str
+    party: str
+    signs_for: str
     ikm: bytes
     secret_key: int
     public_key: bytes
@@ -318,12 +350,14 @@ class Cosigner:
     key_id: str
 
     @classmethod
-    def make(cls, index: int) -> Cosigner:
-        ikm = seed(f"bls/cosigner-{index}")
+    def make(cls, label: str, *, party: str, signs_for: str) -> Cosigner:
+        ikm = seed(f"bls/{label}")
         secret_key = bls.generate_secret_key(ikm)
         public_key = bls.compute_public_key(secret_key)
         return cls(
-            index=index,
+            label=label,
+            party=party,
+            signs_for=signs_for,
             ikm=ikm,
             secret_key=secret_key,
             public_key=public_key,
@@ -336,7 +370,9 @@ class Cosigner:
 
     def describe(self) -> JsonObject:
         return {
-            "label": f"cosigner-{self.index}",
+            "label": self.label,
+            "party": self.party,
+            "signs_for": self.signs_for,
             "algorithm": BLS_ALGORITHM,
             "ikm": self.ikm.hex(),
             "secret_key": self.secret_key.to_bytes(32, "big").hex(),
@@ -350,7 +386,8 @@ class Cosigner:
 def make_cosigner(index: int) -> Cosigner:
     # Cached: a proof of possession costs a hash to G2 on py_ecc, and the test suite runs the
     # generator more than once per process.
-    return Cosigner.make(index)
+    label, party, signs_for = COSIGNER_KEYS[index]
+    return Cosigner.make(label, party=party, signs_for=signs_for)
 
 
 @functools.cache
@@ -400,9 +437,18 @@ class Cast:
         self.not_yet_valid = signers["custodian-not-yet-valid"]
         self.unregistered = signers["custodian-unregistered"]
         self.exchange = signers["exchange-primary"]
-        self.cosigners = [make_cosigner(i) for i in range(COSIGNER_COUNT)]
+        self.cosigners = [make_cosigner(i) for i in range(len(COSIGNER_KEYS))]
         opened = T0 - timedelta(days=30)
         self.revoked_at = T0 - timedelta(hours=1)
+        # Co-signer 0 rotates: its new key opens a day before T0, its old key closes a day after.
+        rotation_opens, rotation_closes = T0 - timedelta(days=1), T0 + timedelta(days=1)
+        windows = {
+            0: (opened, rotation_closes),
+            1: (opened, None),
+            2: (opened, None),
+            COSIGNER_0_NEXT: (rotation_opens, None),
+            COSIGNER_1_FOR_B: (opened, None),
+        }
         records = [
             KeyRecord(CUSTODIAN, KeyRole.CUSTODIAN, self.primary.public_key, opened),
             KeyRecord(
@@ -418,13 +464,15 @@ class Cast:
             KeyRecord(EXCHANGE, KeyRole.EXCHANGE, self.exchange.public_key, opened),
             *(
                 KeyRecord(
-                    CUSTODIAN,
+                    self.cosigners[index].party,
                     KeyRole.COSIGNER,
-                    cosigner.public_key,
-                    opened,
-                    proof_of_possession=cosigner.proof_of_possession,
+                    self.cosigners[index].public_key,
+                    valid_from,
+                    valid_until=valid_until,
+                    proof_of_possession=self.cosigners[index].proof_of_possession,
+                    signs_for=self.cosigners[index].signs_for,
                 )
-                for cosigner in self.cosigners[:3]
+                for index, (valid_from, valid_until) in windows.items()
             ),
         ]
         self.registry = make_registry(tuple(records), quorum=QUORUM)
@@ -437,8 +485,7 @@ class Cast:
 # --- statements ---------------------------------------------------------------------------------
 
 
-def prices() -> tuple[PricePoint, ...]:
-    observed = T0 - timedelta(seconds=5)
+def prices(observed: datetime = T0 - timedelta(seconds=5)) -> tuple[PricePoint, ...]:
     return (
         PricePoint(
             Price.parse(asset="BTC", quote="USD", text="64123.45"), "vectors:fixed", observed
@@ -455,18 +502,22 @@ def asset_roots(
     return compute_asset_roots(build_trees(leaves, depths=depths), decimals=DECIMALS)
 
 
+def roots_of(
+    leaves: Sequence[DisclosedLeaf], *, depths: Mapping[str, int]
+) -> tuple[AssetRoot, ...]:
+    """The asset roots of ``leaves`` at ``depths``, built leaf by leaf without the receiver's
+    one-account-one-leaf rule, so that a statement breaking it can be signed."""
+    trees = {
+        asset: SumTree.build(
+            asset, [leaf.to_leaf() for leaf in leaves if leaf.asset == asset], depth=depth
+        )
+        for asset, depth in depths.items()
+    }
+    return compute_asset_roots(trees, decimals=DECIMALS)
+
+
 def statement_depths(statement: Statement) -> dict[str, int]:
     return {root.asset: root.depth for root in statement.assets}
-
-
-def receiver_trees(leaves: Sequence[DisclosedLeaf], data: bytes) -> dict[str, SumTree]:
-    """The trees a receiver rebuilds from disclosed leaves: at the depths the statement states
-    (protocol section 7, step 7), or the default depth if the message does not decode."""
-    try:
-        depths = statement_depths(SignedStatement.decode(data).statement)
-    except CounterpartyError:
-        depths = {}
-    return build_trees(leaves, depths=depths)
 
 
 def make_statement(
@@ -506,6 +557,21 @@ def sign(
     )
 
 
+def delta_disclosure(
+    statement: Statement,
+    *,
+    before: Sequence[tuple[str, str, int, int]],
+    after: Sequence[tuple[str, str, int, int]],
+) -> LeafDisclosure:
+    """The honest disclosure of a delta from state ``before`` to state ``after``: every leaf
+    that is new or changed, and every position that no longer holds a leaf."""
+    old = {(leaf.asset, leaf.position): leaf for leaf in disclosed(before)}
+    new = {(leaf.asset, leaf.position): leaf for leaf in disclosed(after)}
+    changed = [leaf for slot, leaf in sorted(new.items()) if old.get(slot) != leaf]
+    emptied = [ClearedSlot(asset, position) for asset, position in sorted(old.keys() - new)]
+    return LeafDisclosure.for_statement(statement, changed, emptied)
+
+
 def head_wire(head: ChainHead) -> JsonObject:
     return {
         "custodian": head.custodian,
@@ -516,18 +582,41 @@ def head_wire(head: ChainHead) -> JsonObject:
     }
 
 
-def head_from_wire(obj: JsonObject) -> ChainHead:
-    return ChainHead(
-        custodian=obj["custodian"],
-        exchange=obj["exchange"],
-        sequence=obj["sequence"],
-        digest=bytes.fromhex(obj["digest"]),
-        issued_at=parse_timestamp(obj["issued_at"]),
-    )
+def stream_wire(custodian: str, exchange: str) -> JsonObject:
+    return {"custodian": custodian, "exchange": exchange}
 
 
 def leaves_wire(leaves: Sequence[DisclosedLeaf]) -> list[JsonObject]:
     return [leaf.to_wire() for leaf in leaves]
+
+
+def trees_wire(receiver: ReceiverTrees) -> list[JsonObject]:
+    """The receiver's trees, sorted by asset: what it holds after applying a statement."""
+    return [
+        {
+            "asset": asset,
+            "depth": tree.depth,
+            "root": tree.root.hex(),
+            "total": str(tree.total),
+            "count": tree.count,
+        }
+        for asset, tree in sorted(receiver.trees.items())
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverState:
+    """What the exchange holds for the stream before a case: the leaves it accepted last and the
+    depths of the statement they came with (nothing before the first statement)."""
+
+    leaves: tuple[DisclosedLeaf, ...] = ()
+    depths: tuple[tuple[str, int], ...] = ()
+
+    def restore(self) -> ReceiverTrees:
+        return ReceiverTrees.restore(DECIMALS, self.leaves, depths=dict(self.depths))
+
+    def to_wire(self) -> JsonObject:
+        return {"leaves": leaves_wire(self.leaves), "depths": dict(self.depths)}
 
 
 # --- canonical.json -----------------------------------------------------------------------------
@@ -789,6 +878,7 @@ def build_tree_vector(tree_input: TreeInput) -> tuple[JsonObject, SumTree]:
                 salt=salt,
                 root=tree.root,
                 total=tree.total,
+                depth=tree.depth,
             ),
         )
         proofs.append(
@@ -838,6 +928,7 @@ def invalid_proof_case(
     salt: bytes,
     root: bytes,
     total: int,
+    depth: int,
     proof: JsonObject | None = None,
     proof_json: str | None = None,
 ) -> JsonObject:
@@ -845,7 +936,7 @@ def invalid_proof_case(
 
     def run() -> None:
         parsed = InclusionProof.from_wire(parse_json_object(text))
-        verify_inclusion(parsed, account=account, salt=salt, root=root, total=total)
+        verify_inclusion(parsed, account=account, salt=salt, root=root, total=total, depth=depth)
 
     confirm(f"invalid proof {name}", expected, run)
     case: JsonObject = {"name": name, "account": account, "salt": salt.hex()}
@@ -853,7 +944,7 @@ def invalid_proof_case(
         case["proof_json"] = proof_json
     else:
         case["proof"] = proof
-    case.update({"root": root.hex(), "total": str(total), "expected": expected})
+    case.update({"root": root.hex(), "total": str(total), "depth": depth, "expected": expected})
     return case
 
 
@@ -898,6 +989,7 @@ def build_merkle() -> JsonObject:
         "salt": bob_five_salt,
         "root": tree.root,
         "total": tree.total,
+        "depth": tree.depth,
     }
 
     def variant(change: Callable[[JsonObject], None]) -> JsonObject:
@@ -910,6 +1002,11 @@ def build_merkle() -> JsonObject:
 
     def set_sibling(height: int, member: str, value: str) -> Callable[[JsonObject], None]:
         return lambda p: p["siblings"][height].__setitem__(member, value)
+
+    def drop_top_sibling(proof: JsonObject) -> None:
+        # Still a well-formed proof (position 1 has a slot at depth 2), just of a smaller tree.
+        proof["siblings"].pop()
+        proof["depth"] -= 1
 
     flipped = bytearray(bytes.fromhex(good["siblings"][1]["hash"]))
     flipped[31] ^= 1
@@ -999,6 +1096,18 @@ def build_merkle() -> JsonObject:
             **common,
         ),
         invalid_proof_case(
+            "a well-formed proof of depth 2 in a tree of depth 3 (top sibling dropped)",
+            "invalid_proof",
+            proof=variant(drop_top_sibling),
+            **common,
+        ),
+        invalid_proof_case(
+            "the right proof, but the statement declares another depth",
+            "invalid_proof",
+            proof=good,
+            **{**common, "depth": tree.depth + 1},
+        ),
+        invalid_proof_case(
             "position beyond 2^depth",
             "malformed",
             proof=variant(lambda p: p.__setitem__("position", 9)),
@@ -1037,8 +1146,10 @@ def build_merkle() -> JsonObject:
             "proofs in wire form, and proofs that must be rejected. Hashes and salts are "
             "lowercase hex, quantities and sums decimal strings. For an 'invalid_proofs' entry, "
             "parse 'proof' (or the raw text 'proof_json') strictly, decode it as an inclusion "
-            "proof and verify it with account, salt, root and total; 'expected' is the reason "
-            "of the first check that fails (decoding before verification)."
+            "proof and verify it with account, salt, root, total and depth (the depth the "
+            "statement declares; a proof of any other depth is invalid_proof, checked before "
+            "the path); 'expected' is the reason of the first check that fails (decoding "
+            "before verification)."
         ),
         "constants": {
             "account_domain": ACCOUNT_DOMAIN.decode("ascii"),
@@ -1083,30 +1194,42 @@ def build_statement(cast: Cast, first: Statement, signed: SignedStatement) -> Js
     leaves = disclosed(STATE_1)
     digest = first.compute_digest()
     cosignatures = [cast.cosigners[i].cosign(digest) for i in (0, 1)]
-    now = T0 + timedelta(seconds=5)
+    now = NOW_1
+    disclosure = LeafDisclosure.for_statement(first, leaves)
+    receiver = ReceiverTrees(DECIMALS)
     verified = verify_statement(
         signed.encode(),
+        custodian=CUSTODIAN,
+        exchange=EXCHANGE,
         registry=cast.registry,
         head=None,
         now=now,
-        trees=build_trees(leaves, depths=statement_depths(first)),
+        receiver=receiver,
+        disclosure=LeafDisclosure.from_wire(parse_json_object(wire_bytes(disclosure.to_wire()))),
     )
+    verified.trees_plan.apply()
     canonical = first.canonical_bytes()
     message = signed.encode()
     return {
         "description": (
             "One signed statement end to end. Recompute: the canonical bytes and digest of "
-            "'statement' (domain mcb/statement/v1); each co-signer's secret key from its ikm "
-            "(BLS KeyGen, empty key_info), its public key, proof of possession and key id; the "
-            "partial BLS signatures over the 32 digest bytes and their aggregate (BLS "
-            "signatures are deterministic, so they must match exactly); the disclosed leaves' "
-            "salts, trees and roots. Verify: the P-256 signature (randomized, so verify it, do "
-            "not recompute it) and the whole message with 'registry' at 'now' without a chain "
-            "head, which must give 'expected_head'."
+            "'statement' (domain mcb/statement/v1); each co-signer key's secret key from its "
+            "ikm (BLS KeyGen, empty key_info), its public key, proof of possession and key id "
+            "('party' is the key record's owner, 'signs_for' the custodian it co-signs for); "
+            "the partial BLS signatures over the 32 digest bytes and their aggregate (BLS "
+            "signatures are deterministic, so they must match exactly); the salts of the "
+            "disclosed leaves. Verify: the P-256 signature (randomized, so verify it, do not "
+            "recompute it), then the whole message as the receiver of the stream 'stream' "
+            "does: 'registry' at 'now', no chain head, an empty receiver with the asset table "
+            "'decimals', and the snapshot leaf disclosure 'disclosure' (its 'set' holds every "
+            "leaf). The result must be 'expected_head', and the receiver's trees afterwards "
+            "'expected_trees' (one per asset: depth, root, total, count)."
         ),
         "now": ts(now),
+        "stream": stream_wire(CUSTODIAN, EXCHANGE),
+        "decimals": dict(DECIMALS),
         "custodian_key": cast.primary.describe(),
-        "cosigners": [cast.cosigners[i].describe() for i in range(3)],
+        "cosigners": [cast.cosigners[i].describe() for i in REGISTERED_COSIGNERS],
         "registry": cast.registry_wire,
         "salt_derivation": {
             "secret": SALT_SECRET.hex(),
@@ -1127,10 +1250,10 @@ def build_statement(cast: Cast, first: Statement, signed: SignedStatement) -> Js
                 for leaf in leaves
             ],
         },
-        "disclosed_leaves": leaves_wire(leaves),
         "statement": first.to_wire(),
         "canonical_hex": canonical.hex(),
         "digest": digest.hex(),
+        "disclosure": disclosure.to_wire(),
         "cosignatures": [
             {"key_id": c.key_id, "signature": c.signature.hex()} for c in cosignatures
         ],
@@ -1139,10 +1262,17 @@ def build_statement(cast: Cast, first: Statement, signed: SignedStatement) -> Js
         "message_utf8": message.decode("utf-8"),
         "expected": OK,
         "expected_head": head_wire(verified.head),
+        "expected_trees": trees_wire(receiver),
     }
 
 
 # --- verification.json --------------------------------------------------------------------------
+
+NONE: Final = "none"
+AFTER_SNAPSHOT: Final = "after_snapshot"
+AFTER_DELTA: Final = "after_delta"
+RECEIVER_BY_HEAD: Final = {None: NONE, 1: AFTER_SNAPSHOT, 2: AFTER_DELTA}
+"""The receiver state that goes with a head of this sequence (None: no head)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1151,9 +1281,13 @@ class Case:
     expected: str
     message: JsonObject | None = None
     message_text: str | None = None
+    stream: tuple[str, str] = (CUSTODIAN, EXCHANGE)
+    disclosure: LeafDisclosure | None = None
+    """By default every leaf of sequence 1 for a snapshot and no change for a delta, bound to the
+    statement in the message (to the sample snapshot when the message does not decode)."""
     head: ChainHead | None = None
-    now: datetime = T0 + timedelta(seconds=5)
-    leaves: tuple[DisclosedLeaf, ...] | None = None
+    history: tuple[tuple[int, bytes], ...] = ()
+    now: datetime = NOW_1
     max_bytes: int | None = None
     note: str | None = None
 
@@ -1164,27 +1298,60 @@ class Case:
             raise VectorError(f"case {self.name} has no message")
         return compute_canonical_bytes(self.message)
 
+    def receiver_state(self) -> str:
+        """The receiver state that goes with the case's head."""
+        return RECEIVER_BY_HEAD[None if self.head is None else self.head.sequence]
 
-def run_case(cast: Cast, case: Case) -> tuple[str, ChainHead | None]:
+    def leaf_disclosure(self, fallback: Statement) -> LeafDisclosure:
+        if self.disclosure is not None:
+            return self.disclosure
+        try:
+            statement = SignedStatement.decode(self.data()).statement
+        except CounterpartyError:
+            statement = fallback
+        leaves = disclosed(STATE_1) if statement.kind is StatementKind.SNAPSHOT else []
+        return LeafDisclosure.for_statement(statement, leaves)
+
+
+def run_case(
+    cast: Cast, case: Case, *, receiver: ReceiverTrees, disclosure: JsonObject
+) -> tuple[ChainHead | None, list[JsonObject] | None]:
+    """Run ``case`` as a receiver does, from bytes, and apply what it accepts. Returns the new
+    head and trees, or (None, None) for a rejection, which must leave the trees unchanged."""
+    before = trees_wire(receiver)
     result: list[ChainHead] = []
+    custodian, exchange = case.stream
 
     def run() -> None:
         verified = verify_statement(
             case.data(),
+            custodian=custodian,
+            exchange=exchange,
             registry=cast.registry,
             head=case.head,
             now=case.now,
-            trees=None if case.leaves is None else receiver_trees(case.leaves, case.data()),
+            receiver=receiver,
+            disclosure=LeafDisclosure.from_wire(parse_json_object(wire_bytes(disclosure))),
+            history=dict(case.history) if case.history else None,
             max_bytes=MAX_MESSAGE_BYTES if case.max_bytes is None else case.max_bytes,
         )
+        verified.trees_plan.apply()
         result.append(verified.head)
 
     confirm(f"verification case {case.name}", case.expected, run)
-    return case.expected, (result[0] if result else None)
+    if not result:
+        if trees_wire(receiver) != before:
+            raise VectorError(f"verification case {case.name}: a rejection changed the trees")
+        return None, None
+    return result[0], trees_wire(receiver)
 
 
-def case_wire(cast: Cast, case: Case) -> JsonObject:
-    expected, new_head = run_case(cast, case)
+def case_wire(
+    cast: Cast, case: Case, *, states: Mapping[str, ReceiverState], fallback: Statement
+) -> JsonObject:
+    state = case.receiver_state()
+    disclosure = case.leaf_disclosure(fallback).to_wire()
+    new_head, trees = run_case(cast, case, receiver=states[state].restore(), disclosure=disclosure)
     out: JsonObject = {"name": case.name}
     if case.note is not None:
         out["note"] = case.note
@@ -1195,13 +1362,19 @@ def case_wire(cast: Cast, case: Case) -> JsonObject:
     if case.max_bytes is not None:
         out["max_bytes"] = case.max_bytes
         out["message_bytes"] = len(case.data())
+    out["stream"] = stream_wire(*case.stream)
+    out["receiver"] = state
+    out["disclosure"] = disclosure
     out["head"] = None if case.head is None else head_wire(case.head)
+    if case.history:
+        out["history"] = [
+            {"sequence": sequence, "digest": digest.hex()} for sequence, digest in case.history
+        ]
     out["now"] = ts(case.now)
-    if case.leaves is not None:
-        out["leaves"] = leaves_wire(case.leaves)
-    out["expected"] = expected
+    out["expected"] = case.expected
     if new_head is not None:
         out["expected_head"] = head_wire(new_head)
+        out["expected_trees"] = trees
     return out
 
 
@@ -1211,62 +1384,118 @@ def replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
-def build_verification(
-    cast: Cast, first: Statement, signed_first: SignedStatement
-) -> tuple[JsonObject, Statement, SignedStatement]:
-    state_1 = tuple(disclosed(STATE_1))
-    state_2 = tuple(disclosed(STATE_2))
-    d1 = first.compute_digest()
-    head_1 = ChainHead(CUSTODIAN, EXCHANGE, 1, d1, first.issued_at)
+STATE_SET_AND_CLEAR: Final = (
+    ("alice", "BTC", 0, 150_000_000),
+    ("bob", "BTC", 1, 1_000_042),
+    ("alice", "USDC", 0, 1_000_000_000_000),
+    ("dave", "USDC", 1, 25_000_000),
+    ("erin", "USDC", 2, 5_000_000),
+)
+"""A delta from sequence 1: bob's BTC leaf changes, carol's (BTC position 2) is emptied and erin
+gets a new USDC leaf at position 2, so the USDC tree grows a level and the BTC tree keeps its."""
+STATE_TWO_ASSETS: Final = tuple(
+    (account, asset, position, {("bob", "BTC"): 43, ("dave", "USDC"): 26}.get((account, asset), q))
+    for account, asset, position, q in STATE_1
+)
+"""A delta from sequence 1 that changes one leaf in each asset."""
 
-    second = make_statement(
-        sequence=2,
-        previous=d1,
-        kind=StatementKind.DELTA,
-        issued_at=T0 + timedelta(seconds=60),
-        state=STATE_2,
-    )
-    signed_second = sign(cast, second)
-    head_2 = ChainHead(CUSTODIAN, EXCHANGE, 2, second.compute_digest(), second.issued_at)
-    now_2 = T0 + timedelta(seconds=65)
-    third = make_statement(
-        sequence=3,
-        previous=second.compute_digest(),
-        kind=StatementKind.DELTA,
-        issued_at=T0 + timedelta(seconds=120),
-        state=STATE_2,
-    )
-    fork = make_statement(
-        sequence=2,
-        previous=d1,
-        kind=StatementKind.DELTA,
-        issued_at=T0 + timedelta(seconds=60),
-        state=[(a, s, p, 5 if (a, s) == ("bob", "BTC") else q) for a, s, p, q in STATE_1],
-    )
-    wrong_previous = replace(second, previous=seed("not-a-statement"))
-    backdated = replace(
-        second, issued_at=T0 - timedelta(seconds=1), expires_at=T0 - timedelta(seconds=1) + LIFETIME
-    )
 
-    m1 = signed_first.to_wire()
-    text_1 = signed_first.encode().decode("utf-8")
-    btc_total = next(root.total for root in first.assets if root.asset == "BTC")
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """The sample stream: snapshot 1 (the statement of statement.json) and delta 2, signed."""
 
-    def tampered(change: Callable[[JsonObject], None]) -> JsonObject:
-        message = wire_copy(m1)
-        change(message)
-        return message
+    first: Statement
+    signed_first: SignedStatement
+    second: Statement
+    signed_second: SignedStatement
 
-    def set_btc_total(value: str) -> Callable[[JsonObject], None]:
-        return lambda m: m["statement"]["assets"][0].__setitem__("total", value)
+    @classmethod
+    def make(cls, cast: Cast, first: Statement, signed_first: SignedStatement) -> Chain:
+        second = make_statement(
+            sequence=2,
+            previous=first.compute_digest(),
+            kind=StatementKind.DELTA,
+            issued_at=T0 + timedelta(seconds=60),
+            state=STATE_2,
+        )
+        return cls(first, signed_first, second, sign(cast, second))
 
-    flipped = bytearray(signed_first.custodian_signature.signature)
+    @property
+    def d1(self) -> bytes:
+        return self.first.compute_digest()
+
+    @property
+    def head_1(self) -> ChainHead:
+        return ChainHead(CUSTODIAN, EXCHANGE, 1, self.d1, self.first.issued_at)
+
+    @property
+    def head_2(self) -> ChainHead:
+        second = self.second
+        return ChainHead(CUSTODIAN, EXCHANGE, 2, second.compute_digest(), second.issued_at)
+
+    @property
+    def m1(self) -> JsonObject:
+        return self.signed_first.to_wire()
+
+    def receiver_states(self) -> dict[str, ReceiverState]:
+        return {
+            NONE: ReceiverState(),
+            AFTER_SNAPSHOT: ReceiverState(
+                tuple(disclosed(STATE_1)), tuple(statement_depths(self.first).items())
+            ),
+            AFTER_DELTA: ReceiverState(
+                tuple(disclosed(STATE_2)), tuple(statement_depths(self.second).items())
+            ),
+        }
+
+
+def changes_from_1(
+    statement: Statement, after: Sequence[tuple[str, str, int, int]] = STATE_2
+) -> LeafDisclosure:
+    return delta_disclosure(statement, before=STATE_1, after=after)
+
+
+def with_change(message: JsonObject, change: Callable[[JsonObject], None]) -> JsonObject:
+    copied = wire_copy(message)
+    change(copied)
+    return copied
+
+
+def flip_custodian_signature(signed: SignedStatement) -> JsonObject:
+    flipped = bytearray(signed.custodian_signature.signature)
     flipped[31] ^= 0x01
-    quorum = signed_first.quorum_signature
-    digest_1 = d1
-    mixed = compute_quorum_signature(
-        [cast.cosigners[0].cosign(digest_1), cast.cosigners[2].cosign(digest_1)]
+    return with_change(
+        signed.to_wire(),
+        lambda m: m["custodian_signature"].__setitem__("signature", flipped.hex()),
     )
+
+
+def accepted_cases(cast: Cast, chain: Chain) -> list[Case]:
+    first = chain.first
+    return [
+        Case("valid snapshot, no head", OK, message=chain.m1),
+        Case(
+            "valid delta after the snapshot",
+            OK,
+            message=chain.signed_second.to_wire(),
+            disclosure=changes_from_1(chain.second),
+            head=chain.head_1,
+            now=NOW_2,
+        ),
+        Case(
+            "all three co-signers",
+            OK,
+            message=sign(cast, first, cosigners=(0, 1, 2)).to_wire(),
+        ),
+    ]
+
+
+def key_cases(cast: Cast, chain: Chain) -> list[Case]:
+    """Step 4: the custodian key and signature, the co-signer keys, quorum and aggregate."""
+    first, signed_first, m1 = chain.first, chain.signed_first, chain.m1
+    quorum = signed_first.quorum_signature
+    d1 = chain.d1
+    mixed = compute_quorum_signature([cast.cosigners[0].cosign(d1), cast.cosigners[2].cosign(d1)])
     bad_aggregate = replace(
         signed_first,
         quorum_signature=QuorumSignature(signers=quorum.signers, signature=mixed.signature),
@@ -1275,85 +1504,39 @@ def build_verification(
         signed_first,
         quorum_signature=QuorumSignature(signers=quorum.signers, signature=b"\xc0" + bytes(95)),
     )
-    empty_quorum = wire_copy(m1)
-    empty_quorum["quorum_signature"]["signers"] = []
-    repeated_signer = wire_copy(m1)
-    repeated_signer["quorum_signature"]["signers"] = [quorum.signers[0], quorum.signers[0]]
-
-    at_revocation = make_statement(
-        sequence=1,
-        previous=GENESIS_PREVIOUS,
-        kind=StatementKind.SNAPSHOT,
+    # Around the revocation the prices are observed before issued_at, as the policy requires.
+    at_revocation = replace(
+        first,
         issued_at=cast.revoked_at,
-        state=STATE_1,
+        expires_at=cast.revoked_at + LIFETIME,
+        prices=prices(cast.revoked_at - timedelta(seconds=5)),
     )
     before_revocation = replace(
         at_revocation,
         issued_at=cast.revoked_at - timedelta(milliseconds=1),
         expires_at=cast.revoked_at - timedelta(milliseconds=1) + LIFETIME,
     )
-
-    btc_root = next(root for root in first.assets if root.asset == "BTC")
-
-    def with_btc_root(changed: AssetRoot) -> Statement:
-        return replace(
-            first, assets=tuple(changed if r.asset == "BTC" else r for r in first.assets)
-        )
-
-    wrong_count = with_btc_root(replace(btc_root, count=btc_root.count + 1))
-    wrong_total = with_btc_root(replace(btc_root, total=btc_root.total + 1))
-    deeper = make_statement(
-        sequence=1,
-        previous=GENESIS_PREVIOUS,
-        kind=StatementKind.SNAPSHOT,
-        issued_at=T0,
-        state=STATE_1,
-        depths={"BTC": btc_root.depth + 1},
-    )
-    other_salt = list(state_1)
-    other_salt[1] = replace(other_salt[1], salt=seed("another-salt"))
-    other_quantity = list(state_1)
-    other_quantity[1] = replace(other_quantity[1], quantity=43)
-    message_size = len(signed_first.encode())
-
-    cases = [
-        Case("valid snapshot, no head", OK, message=m1, leaves=state_1),
-        Case("valid snapshot, roots not checked", OK, message=m1),
-        Case(
-            "valid delta after the snapshot",
-            OK,
-            message=signed_second.to_wire(),
-            head=head_1,
-            now=now_2,
-            leaves=state_2,
-            note="leaves: the receiver's whole state after applying the delta's changed leaves",
-        ),
-        Case(
-            "all three co-signers",
-            OK,
-            message=sign(cast, first, cosigners=(0, 1, 2)).to_wire(),
-        ),
+    return [
         Case(
             "signed field changed after signing (expires_at)",
             "bad_signature",
-            message=tampered(
-                lambda m: m["statement"].__setitem__("expires_at", ts(T0 + timedelta(days=1)))
+            message=with_change(
+                m1, lambda m: m["statement"].__setitem__("expires_at", ts(T0 + timedelta(hours=2)))
             ),
         ),
         Case(
             "custodian signature with one bit flipped",
             "bad_signature",
-            message=tampered(
-                lambda m: m["custodian_signature"].__setitem__("signature", flipped.hex())
-            ),
+            message=flip_custodian_signature(signed_first),
         ),
         Case(
             "custodian signature s = 0",
             "bad_signature",
-            message=tampered(
+            message=with_change(
+                m1,
                 lambda m: m["custodian_signature"].__setitem__(
                     "signature", signed_first.custodian_signature.signature[:32].hex() + "00" * 32
-                )
+                ),
             ),
         ),
         Case(
@@ -1378,10 +1561,17 @@ def build_verification(
             now=cast.revoked_at,
         ),
         Case(
-            "revoked key, statement issued 1 ms before the revocation",
+            "revoked key, issued and verified 1 ms before the revocation",
             OK,
             message=sign(cast, before_revocation, signer=cast.revoked).to_wire(),
+            now=cast.revoked_at - timedelta(milliseconds=1),
+        ),
+        Case(
+            "revoked key, issued before the revocation, verified at it",
+            "revoked_key",
+            message=sign(cast, before_revocation, signer=cast.revoked).to_wire(),
             now=cast.revoked_at,
+            note="a revoked key cannot back-date a statement into acceptance",
         ),
         Case(
             "custodian key not yet valid at issued_at",
@@ -1393,11 +1583,31 @@ def build_verification(
             "missing_quorum",
             message=sign(cast, first, cosigners=(1,)).to_wire(),
         ),
-        Case("no co-signers", "missing_quorum", message=empty_quorum),
+        Case(
+            "no co-signers",
+            "missing_quorum",
+            message=with_change(m1, lambda m: m["quorum_signature"].__setitem__("signers", [])),
+        ),
+        Case(
+            "two keys of co-signer 0, threshold 2",
+            "missing_quorum",
+            message=sign(cast, first, cosigners=(0, COSIGNER_0_NEXT)).to_wire(),
+            note="both keys are valid during the rotation overlap, but one party is one vote",
+        ),
+        Case(
+            "new key of co-signer 0 and co-signer 1",
+            OK,
+            message=sign(cast, first, cosigners=(COSIGNER_0_NEXT, 1)).to_wire(),
+        ),
         Case(
             "co-signer not in the registry",
             "unknown_key",
-            message=sign(cast, first, cosigners=(0, 3)).to_wire(),
+            message=sign(cast, first, cosigners=(0, UNREGISTERED_COSIGNER)).to_wire(),
+        ),
+        Case(
+            "co-signer key registered for another custodian",
+            "unknown_key",
+            message=sign(cast, first, cosigners=(0, COSIGNER_1_FOR_B)).to_wire(),
         ),
         Case(
             "aggregate of co-signers 0 and 2, signers list 0 and 1",
@@ -1405,19 +1615,86 @@ def build_verification(
             message=bad_aggregate.to_wire(),
         ),
         Case("aggregate is the point at infinity", "bad_signature", message=infinity.to_wire()),
-        Case("same co-signer listed twice", "malformed", message=repeated_signer),
         Case(
-            "replay of the accepted statement",
+            "same co-signer listed twice",
+            "malformed",
+            message=with_change(
+                m1,
+                lambda m: m["quorum_signature"].__setitem__(
+                    "signers", [quorum.signers[0], quorum.signers[0]]
+                ),
+            ),
+        ),
+    ]
+
+
+def stream_and_chain_cases(cast: Cast, chain: Chain) -> list[Case]:
+    """Steps 2, 3 and 6: cheap replay, the stream, and the chain against the head."""
+    first, second, m1 = chain.first, chain.second, chain.m1
+    head_1, head_2, history = chain.head_1, chain.head_2, ((1, chain.d1),)
+    third = make_statement(
+        sequence=3,
+        previous=second.compute_digest(),
+        kind=StatementKind.DELTA,
+        issued_at=T0 + timedelta(seconds=120),
+        state=STATE_2,
+    )
+    fork_state = [(a, s, p, 5 if (a, s) == ("bob", "BTC") else q) for a, s, p, q in STATE_1]
+    fork = make_statement(
+        sequence=2,
+        previous=chain.d1,
+        kind=StatementKind.DELTA,
+        issued_at=T0 + timedelta(seconds=60),
+        state=fork_state,
+    )
+    wrong_previous = replace(second, previous=seed("not-a-statement"))
+    backdated = replace(
+        second, issued_at=T0 - timedelta(seconds=1), expires_at=T0 - timedelta(seconds=1) + LIFETIME
+    )
+    other_first = replace(
+        first, issued_at=T0 - timedelta(seconds=3), expires_at=T0 - timedelta(seconds=3) + LIFETIME
+    )
+    return [
+        Case(
+            "statement for another exchange",
+            "wrong_stream",
+            message=sign(cast, replace(first, exchange="exchange-y")).to_wire(),
+        ),
+        Case(
+            "statement of another custodian",
+            "wrong_stream",
+            message=sign(cast, replace(first, custodian=OTHER_CUSTODIAN)).to_wire(),
+            note="the stream is checked before any key is looked up",
+        ),
+        Case(
+            "disclosure of another statement",
+            "wrong_stream",
+            message=m1,
+            disclosure=LeafDisclosure.for_statement(other_first, disclosed(STATE_1)),
+        ),
+        Case("replay of the accepted statement", "sequence_replay", message=m1, head=head_1),
+        Case(
+            "replay of the accepted statement with a broken signature",
+            "sequence_replay",
+            message=flip_custodian_signature(chain.signed_first),
+            head=head_1,
+            note="the digest is known, so the replay is reported before any signature work",
+        ),
+        Case(
+            "replay of the accepted statement after it expired",
             "sequence_replay",
             message=m1,
             head=head_1,
+            now=first.expires_at + timedelta(minutes=1),
         ),
+        Case("replay of an older statement", "sequence_replay", message=m1, head=head_2, now=NOW_2),
         Case(
-            "replay of an older statement",
+            "replay of an older statement, with history",
             "sequence_replay",
             message=m1,
             head=head_2,
-            now=now_2,
+            history=history,
+            now=NOW_2,
         ),
         Case(
             "sequence 3 after 1",
@@ -1429,37 +1706,82 @@ def build_verification(
         Case(
             "delta without a head",
             "sequence_gap",
-            message=signed_second.to_wire(),
-            now=now_2,
+            message=chain.signed_second.to_wire(),
+            disclosure=changes_from_1(second),
+            now=NOW_2,
         ),
         Case(
             "second statement with sequence 2",
             "fork",
             message=sign(cast, fork).to_wire(),
+            disclosure=changes_from_1(fork, fork_state),
             head=head_2,
-            now=now_2,
+            now=NOW_2,
         ),
         Case(
-            "previous is not the accepted digest",
-            "broken_chain",
+            "successor of another statement (previous is not the head)",
+            "fork",
             message=sign(cast, wrong_previous).to_wire(),
+            disclosure=changes_from_1(wrong_previous),
             head=head_1,
-            now=now_2,
+            now=NOW_2,
+        ),
+        Case(
+            "another statement at an older sequence, with history",
+            "fork",
+            message=sign(cast, other_first).to_wire(),
+            head=head_2,
+            history=history,
+            now=NOW_2,
+        ),
+        Case(
+            "another statement at an older sequence, without history",
+            "sequence_replay",
+            message=sign(cast, other_first).to_wire(),
+            head=head_2,
+            now=NOW_2,
+            note="without the digest accepted at sequence 1 the receiver cannot tell a fork",
         ),
         Case(
             "issued before its predecessor",
             "broken_chain",
             message=sign(cast, backdated).to_wire(),
+            disclosure=changes_from_1(backdated),
             head=head_1,
-            now=now_2,
+            now=NOW_2,
         ),
         Case(
             "head of another stream",
             "broken_chain",
-            message=signed_second.to_wire(),
+            message=chain.signed_second.to_wire(),
+            disclosure=changes_from_1(second),
             head=replace(head_1, exchange="exchange-y"),
-            now=now_2,
+            now=NOW_2,
         ),
+    ]
+
+
+def time_and_policy_cases(cast: Cast, chain: Chain) -> list[Case]:
+    """Step 5 and the asset table of step 7: what a validly signed statement may still break."""
+    first, m1 = chain.first, chain.m1
+    policy = VerificationPolicy()
+    skew, max_lifetime = policy.max_clock_skew, policy.max_lifetime
+
+    def prices_observed(observed: datetime) -> Statement:
+        late = replace(first.prices[0], observed_at=observed)
+        return replace(first, prices=(late, *first.prices[1:]))
+
+    def btc_decimals(decimals: int) -> Statement:
+        return replace(
+            first,
+            assets=tuple(
+                replace(r, decimals=decimals) if r.asset == "BTC" else r for r in first.assets
+            ),
+        )
+
+    eth = compute_asset_roots({"ETH": SumTree("ETH")}, decimals={"ETH": 18})
+    with_eth = replace(first, assets=tuple(sorted((*first.assets, *eth), key=lambda r: r.asset)))
+    return [
         Case("now equals expires_at", "expired", message=m1, now=first.expires_at),
         Case(
             "now 1 ms before expires_at",
@@ -1471,68 +1793,193 @@ def build_verification(
             "issued_at 30.001 s after now",
             "future_dated",
             message=m1,
-            now=T0 - timedelta(seconds=30, milliseconds=1),
+            now=T0 - skew - timedelta(milliseconds=1),
+        ),
+        Case("issued_at exactly 30 s after now (inside the skew)", OK, message=m1, now=T0 - skew),
+        Case(
+            "lifetime of exactly 24 h",
+            OK,
+            message=sign(cast, replace(first, expires_at=T0 + max_lifetime)).to_wire(),
         ),
         Case(
-            "issued_at exactly 30 s after now (inside the skew)",
-            OK,
-            message=m1,
-            now=T0 - timedelta(seconds=30),
+            "lifetime 1 ms longer than 24 h",
+            "policy_violation",
+            message=sign(
+                cast, replace(first, expires_at=T0 + max_lifetime + timedelta(milliseconds=1))
+            ).to_wire(),
         ),
+        Case(
+            "price observed 30 s after issued_at (inside the skew)",
+            OK,
+            message=sign(cast, prices_observed(T0 + skew)).to_wire(),
+        ),
+        Case(
+            "price observed 30.001 s after issued_at",
+            "policy_violation",
+            message=sign(cast, prices_observed(T0 + skew + timedelta(milliseconds=1))).to_wire(),
+        ),
+        Case(
+            "BTC with 7 decimals, the receiver's table says 8",
+            "policy_violation",
+            message=sign(cast, btc_decimals(7)).to_wire(),
+        ),
+        Case(
+            "asset the receiver's table does not have (ETH)",
+            "policy_violation",
+            message=sign(cast, with_eth).to_wire(),
+        ),
+    ]
+
+
+def leaf_cases(cast: Cast, chain: Chain) -> list[Case]:
+    """Step 7: the disclosed leaves against the signed roots, on a snapshot and on deltas."""
+    first, second, m1 = chain.first, chain.second, chain.m1
+    state_1 = disclosed(STATE_1)
+    btc_root = next(root for root in first.assets if root.asset == "BTC")
+
+    def with_btc_root(changed: AssetRoot) -> Statement:
+        return replace(
+            first, assets=tuple(changed if r.asset == "BTC" else r for r in first.assets)
+        )
+
+    deeper = make_statement(
+        sequence=1,
+        previous=GENESIS_PREVIOUS,
+        kind=StatementKind.SNAPSHOT,
+        issued_at=T0,
+        state=STATE_1,
+        depths={"BTC": btc_root.depth + 1},
+    )
+    other_salt = [*state_1]
+    other_salt[1] = replace(other_salt[1], salt=seed("another-salt"))
+    other_quantity = [*state_1]
+    other_quantity[1] = replace(other_quantity[1], quantity=43)
+
+    # Deltas after sequence 1, checked against the receiver's trees of sequence 1.
+    depths_1 = statement_depths(first)
+    set_and_clear = replace(
+        second,
+        assets=roots_of(disclosed(STATE_SET_AND_CLEAR), depths={"BTC": depths_1["BTC"], "USDC": 2}),
+    )
+    second_alice_leaf = DisclosedLeaf("alice", "BTC", 3, seed("second-alice-salt"), 5)
+    two_alice_leaves = replace(
+        second, assets=roots_of([*state_1, second_alice_leaf], depths=depths_1)
+    )
+    two_assets = replace(second, assets=roots_of(disclosed(STATE_TWO_ASSETS), depths=depths_1))
+    right_two_assets = changes_from_1(two_assets, STATE_TWO_ASSETS)
+    wrong_usdc = tuple(
+        replace(leaf, quantity=27) if leaf.asset == "USDC" else leaf
+        for leaf in right_two_assets.set_leaves
+    )
+    unchanged = replace(second, assets=first.assets)
+    return [
         Case(
             "disclosed leaf with another salt",
             "root_mismatch",
             message=m1,
-            leaves=tuple(other_salt),
+            disclosure=LeafDisclosure.for_statement(first, other_salt),
         ),
         Case(
             "disclosed leaf with another quantity",
             "root_mismatch",
             message=m1,
-            leaves=tuple(other_quantity),
+            disclosure=LeafDisclosure.for_statement(first, other_quantity),
         ),
         Case(
             "statement total one more than the leaves (root right)",
             "sum_mismatch",
-            message=sign(cast, wrong_total).to_wire(),
-            leaves=state_1,
+            message=sign(
+                cast, with_btc_root(replace(btc_root, total=btc_root.total + 1))
+            ).to_wire(),
         ),
         Case(
             "statement count one more than the disclosed leaves",
             "sum_mismatch",
-            message=sign(cast, wrong_count).to_wire(),
-            leaves=state_1,
+            message=sign(
+                cast, with_btc_root(replace(btc_root, count=btc_root.count + 1))
+            ).to_wire(),
         ),
         Case(
             "BTC tree one level deeper than its leaves need",
             OK,
             message=sign(cast, deeper).to_wire(),
-            leaves=state_1,
-            note="the receiver rebuilds at the statement's depth, not the smallest that fits",
+            note="the receiver builds at the statement's depth, not the smallest that fits",
         ),
         Case(
             "disclosed leaves lack an asset",
             "root_mismatch",
             message=m1,
-            leaves=tuple(leaf for leaf in state_1 if leaf.asset == "BTC"),
+            disclosure=LeafDisclosure.for_statement(
+                first, [leaf for leaf in state_1 if leaf.asset == "BTC"]
+            ),
         ),
-        Case("negative total", "negative_sum", message=tampered(set_btc_total("-5"))),
         Case(
-            "total 2^128",
-            "sum_overflow",
-            message=tampered(set_btc_total(str(2**128))),
+            "snapshot disclosure that clears a position",
+            "malformed",
+            message=m1,
+            disclosure=LeafDisclosure.for_statement(first, state_1, [ClearedSlot("BTC", 2)]),
         ),
+        Case(
+            "delta that sets and clears leaves",
+            OK,
+            message=sign(cast, set_and_clear).to_wire(),
+            disclosure=changes_from_1(set_and_clear, STATE_SET_AND_CLEAR),
+            head=chain.head_1,
+            now=NOW_2,
+            note=(
+                "bob's BTC leaf changes, BTC position 2 (carol) is emptied, erin's new USDC leaf "
+                "at position 2 grows the USDC tree to depth 2; the BTC tree keeps depth 2"
+            ),
+        ),
+        Case(
+            "delta gives alice a second BTC leaf",
+            "duplicate_leaf",
+            message=sign(cast, two_alice_leaves).to_wire(),
+            disclosure=LeafDisclosure.for_statement(two_alice_leaves, [second_alice_leaf]),
+            head=chain.head_1,
+            now=NOW_2,
+            note="the roots match: only the receiver's account index sees the second leaf",
+        ),
+        Case(
+            "delta of two assets, the USDC leaf does not give the USDC root",
+            "root_mismatch",
+            message=sign(cast, two_assets).to_wire(),
+            disclosure=replace(right_two_assets, set_leaves=wrong_usdc),
+            head=chain.head_1,
+            now=NOW_2,
+            note="the BTC part is right; nothing is applied, the receiver keeps both trees",
+        ),
+        Case(
+            "delta clears a position that holds no leaf",
+            "malformed",
+            message=sign(cast, unchanged).to_wire(),
+            disclosure=LeafDisclosure.for_statement(unchanged, [], [ClearedSlot("BTC", 3)]),
+            head=chain.head_1,
+            now=NOW_2,
+        ),
+    ]
+
+
+def decode_cases(chain: Chain) -> list[Case]:
+    """Step 1: bytes that are not a well-formed signed statement."""
+    m1 = chain.m1
+    text_1 = chain.signed_first.encode().decode("utf-8")
+    message_size = len(text_1.encode("utf-8"))
+    btc_total = next(root.total for root in chain.first.assets if root.asset == "BTC")
+
+    def set_btc_total(value: str) -> Callable[[JsonObject], None]:
+        return lambda m: m["statement"]["assets"][0].__setitem__("total", value)
+
+    return [
+        Case("negative total", "negative_sum", message=with_change(m1, set_btc_total("-5"))),
+        Case("total 2^128", "sum_overflow", message=with_change(m1, set_btc_total(str(2**128)))),
         Case(
             "total with a leading zero",
             "invalid_amount",
-            message=tampered(set_btc_total("0" + str(btc_total))),
+            message=with_change(m1, set_btc_total("0" + str(btc_total))),
         ),
         Case("truncated JSON", "malformed", message_text=text_1[:-1]),
-        Case(
-            "duplicate member",
-            "malformed",
-            message_text='{"version":1,' + text_1[1:],
-        ),
+        Case("duplicate member", "malformed", message_text='{"version":1,' + text_1[1:]),
         Case(
             "amount as a JSON float",
             "float_rejected",
@@ -1546,58 +1993,76 @@ def build_verification(
         Case(
             "unknown member in the statement",
             "malformed",
-            message=tampered(lambda m: m["statement"].__setitem__("note", "unsigned")),
+            message=with_change(m1, lambda m: m["statement"].__setitem__("note", "unsigned")),
         ),
         Case(
             "upper-case hex root",
             "malformed",
-            message=tampered(
+            message=with_change(
+                m1,
                 lambda m: m["statement"]["assets"][0].__setitem__(
                     "root", m["statement"]["assets"][0]["root"].upper()
-                )
+                ),
             ),
         ),
         Case(
             "sequence 1 as a delta",
             "malformed",
-            message=tampered(lambda m: m["statement"].__setitem__("kind", "delta")),
+            message=with_change(m1, lambda m: m["statement"].__setitem__("kind", "delta")),
         ),
         Case(
             "signed statement version 2",
             "malformed",
-            message=tampered(lambda m: m.__setitem__("version", 2)),
+            message=with_change(m1, lambda m: m.__setitem__("version", 2)),
         ),
         Case(
-            "message one byte over max_bytes",
-            "malformed",
-            message=m1,
-            max_bytes=message_size - 1,
+            "message one byte over max_bytes", "malformed", message=m1, max_bytes=message_size - 1
         ),
         Case("message exactly max_bytes", OK, message=m1, max_bytes=message_size),
+    ]
+
+
+def build_verification(cast: Cast, first: Statement, signed_first: SignedStatement) -> JsonObject:
+    chain = Chain.make(cast, first, signed_first)
+    states = chain.receiver_states()
+    cases = [
+        *accepted_cases(cast, chain),
+        *key_cases(cast, chain),
+        *stream_and_chain_cases(cast, chain),
+        *time_and_policy_cases(cast, chain),
+        *leaf_cases(cast, chain),
+        *decode_cases(chain),
     ]
     names = [case.name for case in cases]
     if len(set(names)) != len(names):
         raise VectorError("two verification cases share a name")
-    document = {
+    policy = VerificationPolicy()
+    return {
         "description": (
-            "Verification decisions of the exchange (docs protocol section 7). For each case: "
-            "take the message bytes ('message' serialized with RFC 8785, or 'message_text' "
-            "as UTF-8 exactly), the key registry 'registry', the chain head 'head' (null: "
-            "nothing accepted yet), the time 'now' and the clock skew 'max_clock_skew_ms'; "
-            "when 'max_bytes' is given it replaces the default size bound "
-            f"({MAX_MESSAGE_BYTES} bytes) and 'message_bytes' is the message's length. When "
-            "'leaves' is given, build one sum tree per asset from those disclosed leaves, at "
-            "the depth the statement states for that asset, and compare them with the "
-            "statement's roots (asset set, then per asset depth, root, total, count). "
-            "'expected' is 'ok' or the reason of the first failing check; on success the new "
-            "head must equal 'expected_head'."
+            "Verification decisions of the receiver of a stream (docs/protocol.md section 7). "
+            "For each case: take the message bytes ('message' serialized with RFC 8785, or "
+            "'message_text' as UTF-8 exactly; when 'max_bytes' is given it replaces the default "
+            f"size bound of {MAX_MESSAGE_BYTES} bytes and 'message_bytes' is the message's "
+            "length), the stream the receiver expects ('stream': custodian and exchange), the "
+            "key registry 'registry', the chain head 'head' (null: nothing accepted yet), the "
+            "digests accepted at earlier sequences 'history' (absent: none known), the time "
+            "'now', the policy (clock skew 'max_clock_skew_ms', longest lifetime "
+            "'max_lifetime_ms'), the receiver's asset table 'decimals', the receiver's trees "
+            "(rebuilt from receiver_states[receiver]: its leaves, one sum tree per asset at the "
+            "given depth) and the leaf disclosure 'disclosure' (protocol section 8.1; feed its "
+            "RFC 8785 bytes to the strict reader). 'expected' is 'ok' or the reason of the "
+            "first failing check. On success the new head must equal 'expected_head' and the "
+            "receiver's trees, once the statement is applied, 'expected_trees'; on failure the "
+            "trees must not change."
         ),
-        "max_clock_skew_ms": int(VerificationPolicy().max_clock_skew.total_seconds() * 1000),
+        "max_clock_skew_ms": int(policy.max_clock_skew.total_seconds() * 1000),
+        "max_lifetime_ms": int(policy.max_lifetime.total_seconds() * 1000),
         "default_max_bytes": MAX_MESSAGE_BYTES,
+        "decimals": dict(DECIMALS),
         "registry": cast.registry_wire,
-        "cases": [case_wire(cast, case) for case in cases],
+        "receiver_states": {name: state.to_wire() for name, state in states.items()},
+        "cases": [case_wire(cast, case, states=states, fallback=first) for case in cases],
     }
-    return document, second, signed_second
 
 
 # --- translog.json ------------------------------------------------------------------------------
@@ -1788,16 +2253,25 @@ def build_translog(cast: Cast) -> JsonObject:
         ),
     ]
 
-    issued = T0 + timedelta(minutes=5)
+    now = T0 + timedelta(minutes=10)
+    skew = VerificationPolicy().max_clock_skew
 
-    def signed_checkpoint(size: int, hashes: Sequence[bytes]) -> SignedCheckpoint:
-        checkpoint = Checkpoint(CUSTODIAN, EXCHANGE, head(size, hashes), issued)
+    def signed_checkpoint(
+        size: int, hashes: Sequence[bytes], *, issued: datetime | None = None
+    ) -> SignedCheckpoint:
+        # Size 6 is signed a minute before size 8: the log grew in between.
+        at = T0 + timedelta(minutes=5 if size < LOG_SIZE else 6) if issued is None else issued
+        checkpoint = Checkpoint(CUSTODIAN, EXCHANGE, head(size, hashes), at)
         return sign_checkpoint(checkpoint, signer=cast.primary)
 
     honest_6 = signed_checkpoint(6, leaves)
     honest_8 = signed_checkpoint(8, leaves)
     forked_6 = signed_checkpoint(6, forked_leaves)
     forked_8 = signed_checkpoint(8, forked_leaves)
+    rolled_back_6 = signed_checkpoint(6, leaves, issued=T0 + timedelta(minutes=7))
+    same_time_8 = signed_checkpoint(8, leaves, issued=honest_6.checkpoint.issued_at)
+    at_skew = signed_checkpoint(LOG_SIZE, leaves, issued=now + skew)
+    future = signed_checkpoint(LOG_SIZE, leaves, issued=now + skew + timedelta(milliseconds=1))
     forked_6_8 = LogConsistencyProof(
         old_size=6, new_size=8, path=compute_consistency_path(forked_leaves, 6)
     )
@@ -1814,7 +2288,7 @@ def build_translog(cast: Cast) -> JsonObject:
             f"split view {name}",
             expected,
             lambda: verify_same_history(
-                first, second, registry=cast.checkpoint_registry, proof=proof
+                first, second, registry=cast.checkpoint_registry, proof=proof, now=now
             ),
         )
         return {
@@ -1833,8 +2307,18 @@ def build_translog(cast: Cast) -> JsonObject:
         lambda: verify_checkpoint(
             SignedCheckpoint.decode(compute_canonical_bytes(tampered)),
             registry=cast.checkpoint_registry,
+            now=now,
         ),
     )
+
+    def dated_case(name: str, expected: str, signed: SignedCheckpoint) -> JsonObject:
+        confirm(
+            f"checkpoint {name}",
+            expected,
+            lambda: verify_checkpoint(signed, registry=cast.checkpoint_registry, now=now),
+        )
+        return {"name": name, "signed": signed.to_wire(), "expected": expected}
+
     confirm(
         "split view without signatures",
         "split_view",
@@ -1852,9 +2336,14 @@ def build_translog(cast: Cast) -> JsonObject:
             "inclusion proof (of entries[entry_index] against the head of proof.size) and every "
             "consistency proof (between the heads of old_size and new_size), reject the invalid "
             "ones with the given reason, verify the signed checkpoint with 'registry' (domain "
-            "mcb/tree-head/v1), and run the split-view check on each pair of signed checkpoints "
-            "(both signatures first, then the heads with 'proof')."
+            "mcb/tree-head/v1) at 'now' with the clock skew 'max_clock_skew_ms' (a checkpoint "
+            "dated beyond it is future_dated: see checkpoint.dated), and run the split-view "
+            "check at 'now' on each pair of signed checkpoints (both checkpoints first, then a "
+            "later-issued checkpoint with fewer entries is a rollback, then the heads with "
+            "'proof')."
         ),
+        "now": ts(now),
+        "max_clock_skew_ms": int(skew.total_seconds() * 1000),
         "entries": [entry.hex() for entry in entries],
         "leaf_hashes": [leaf.hex() for leaf in leaves],
         "heads": [h.to_wire() for h in heads],
@@ -1877,9 +2366,13 @@ def build_translog(cast: Cast) -> JsonObject:
             "expected": confirm(
                 "checkpoint",
                 OK,
-                lambda: verify_checkpoint(honest_8, registry=cast.checkpoint_registry),
+                lambda: verify_checkpoint(honest_8, registry=cast.checkpoint_registry, now=now),
             ),
             "tampered": {"signed": tampered, "expected": "bad_signature"},
+            "dated": [
+                dated_case("issued exactly max_clock_skew after now", OK, at_skew),
+                dated_case("issued 1 ms beyond the clock skew", "future_dated", future),
+            ],
         },
         "split_views": [
             split_case("one history, 6 then 8", OK, honest_6, honest_8, honest_6_8),
@@ -1899,6 +2392,27 @@ def build_translog(cast: Cast) -> JsonObject:
                 honest_6_8,
             ),
             split_case("two roots for size 6", "split_view", honest_6, forked_6, None),
+            split_case(
+                "rollback: size 6 signed after size 8",
+                "split_view",
+                honest_8,
+                rolled_back_6,
+                honest_6_8,
+            ),
+            split_case(
+                "rollback, the other way round",
+                "split_view",
+                rolled_back_6,
+                honest_8,
+                honest_6_8,
+            ),
+            split_case(
+                "sizes 8 and 6 issued at the same time: not a rollback",
+                OK,
+                same_time_8,
+                honest_6,
+                honest_6_8,
+            ),
             split_case("different sizes without a proof", "malformed", honest_6, honest_8, None),
         ],
     }
@@ -1923,10 +2437,20 @@ def build_client_proof(cast: Cast, first: Statement, signed: SignedStatement) ->
             proof=trees[leaf.asset].prove(leaf.position),
         )
 
+    now = NOW_1
+    message = signed.encode()
+
     def check(name: str, expected: str, obj: JsonObject) -> str:
         def run() -> None:
             client_proof = ClientProof.from_wire(parse_json_object(compute_canonical_bytes(obj)))
-            verify_client_proof(client_proof, statement=signed.statement)
+            authenticated = authenticate_statement(
+                message,
+                custodian=client_proof.custodian,
+                exchange=client_proof.exchange,
+                registry=cast.registry,
+                now=now,
+            )
+            verify_client_proof(client_proof, statement=authenticated.statement)
 
         return confirm(f"client proof {name}", expected, run)
 
@@ -1950,13 +2474,15 @@ def build_client_proof(cast: Cast, first: Statement, signed: SignedStatement) ->
     return {
         "description": (
             "A client's proof bundle (protocol section 8.2) and the statement it refers to. "
-            "The client verifies the signed statement's signatures with 'registry' (no chain "
-            "head), checks that custodian, exchange, sequence and statement digest match, "
-            "takes the asset root of proof.asset, requires proof.depth == depth, and verifies "
-            "the inclusion proof with its own account and salt. 'expected_quantity' is the "
-            "attested quantity of a valid bundle; each 'tampered' bundle must fail with "
-            "'expected'."
+            "The client decodes the bundle, authenticates the signed statement for the "
+            "bundle's (custodian, exchange) stream with 'registry' at 'now' (decode, stream, "
+            "signatures, time; no chain head), checks that custodian, exchange, sequence and "
+            "statement digest match, takes the asset root of proof.asset, requires "
+            "proof.depth == depth, and verifies the inclusion proof with its own account and "
+            "salt. 'expected_quantity' is the attested quantity of a valid bundle; each "
+            "'tampered' bundle must fail with 'expected'."
         ),
+        "now": ts(now),
         "registry": cast.registry_wire,
         "signed_statement": signed.to_wire(),
         "statement_digest": digest.hex(),
@@ -1984,7 +2510,14 @@ def build_client_proof(cast: Cast, first: Statement, signed: SignedStatement) ->
             ),
             tampered("another sequence", invalid_proof, lambda p: p.__setitem__("sequence", 2)),
             tampered(
-                "another exchange", invalid_proof, lambda p: p.__setitem__("exchange", "exchange-y")
+                "another exchange: the statement is not of that stream",
+                "wrong_stream",
+                lambda p: p.__setitem__("exchange", "exchange-y"),
+            ),
+            tampered(
+                "another custodian: the statement is not of that stream",
+                "wrong_stream",
+                lambda p: p.__setitem__("custodian", OTHER_CUSTODIAN),
             ),
             tampered(
                 "asset the statement does not have",
@@ -2038,12 +2571,11 @@ def build_vectors(stored: StoredSignatures) -> dict[str, str]:
         state=STATE_1,
     )
     signed_first = sign(cast, first)
-    verification, _, _ = build_verification(cast, first, signed_first)
     documents = {
         "canonical.json": build_canonical(cast, first),
         "merkle.json": build_merkle(),
         "statement.json": build_statement(cast, first, signed_first),
-        "verification.json": verification,
+        "verification.json": build_verification(cast, first, signed_first),
         "translog.json": build_translog(cast),
         "client_proof.json": build_client_proof(cast, first, signed_first),
     }

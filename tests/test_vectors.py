@@ -41,13 +41,15 @@ from attestations.checkpoint import SignedCheckpoint, verify_checkpoint, verify_
 from attestations.disclosure import (
     ClientProof,
     DisclosedLeaf,
+    LeafDisclosure,
+    ReceiverTrees,
     build_trees,
     compute_asset_roots,
     compute_salt,
     verify_client_proof,
 )
 from attestations.errors import BridgeError
-from attestations.keys import KeyRegistry
+from attestations.keys import KeyRegistry, KeyRole
 from attestations.merkle import (
     EMPTY_HASHES,
     InclusionProof,
@@ -60,7 +62,7 @@ from attestations.merkle import (
 )
 from attestations.p256 import SoftwareP256Signer, verify_p256_digest
 from attestations.signing import CoSignature, compute_quorum_signature
-from attestations.statement import AssetRoot, SignedStatement, Statement
+from attestations.statement import AssetRoot, SignedStatement, Statement, StatementKind
 from attestations.translog import (
     LogConsistencyProof,
     LogInclusionProof,
@@ -76,8 +78,9 @@ from attestations.translog import compute_leaf_hash as compute_log_leaf_hash
 from attestations.verify import (
     ChainHead,
     VerificationPolicy,
+    VerifiedStatement,
+    authenticate_statement,
     verify_statement,
-    verify_statement_signatures,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,6 +350,7 @@ def test_inclusion_proofs() -> None:
                     salt=salt,
                     root=root,
                     total=total,
+                    depth=case["depth"],
                 )
             )
             assert got == item["expected"] == OK
@@ -364,6 +368,7 @@ def test_invalid_inclusion_proofs() -> None:
                 salt=bytes.fromhex(c["salt"]),
                 root=bytes.fromhex(c["root"]),
                 total=int(c["total"]),
+                depth=c["depth"],
             )
 
         assert reason(run) == case["expected"], case["name"]
@@ -395,10 +400,24 @@ def test_cosigner_keys_and_proofs_of_possession() -> None:
         record = registered[cosigner["key_id"]]
         assert record.proof_of_possession is not None
         assert record.proof_of_possession.hex() == cosigner["proof_of_possession"]
+        assert (record.role, record.owner, record.signs_for) == (
+            KeyRole.COSIGNER,
+            cosigner["party"],
+            cosigner["signs_for"],
+        )
         assert (
             compute_key_id(algorithm=cosigner["algorithm"], public_key=public_key)
             == (cosigner["key_id"])
         )
+
+
+def test_registry_records_name_whom_they_sign_for() -> None:
+    # A co-signer key names the custodian it co-signs for; no other key names anyone.
+    for record in load("statement.json")["registry"]["keys"]:
+        if record["role"] == KeyRole.COSIGNER.value:
+            assert record["signs_for"] not in (None, record["owner"])
+        else:
+            assert record["signs_for"] is None
 
 
 def test_salt_derivation() -> None:
@@ -432,17 +451,26 @@ def test_statement_bytes_and_digest() -> None:
     assert statement.compute_digest() == digest
 
 
-def test_disclosed_leaves_give_the_statement_roots() -> None:
+def _disclosure(obj: JsonObject) -> LeafDisclosure:
+    """A stored leaf disclosure as a receiver reads it: from its RFC 8785 bytes."""
+    return LeafDisclosure.from_wire(parse_json_object(wire_bytes(obj)))
+
+
+def test_disclosure_is_bound_to_the_statement_and_gives_its_roots() -> None:
     document = load("statement.json")
     statement = Statement.from_wire(document["statement"])
-    leaves = [DisclosedLeaf.from_wire(item) for item in document["disclosed_leaves"]]
-    assert [leaf.to_wire() for leaf in leaves] == document["disclosed_leaves"]
+    disclosure = _disclosure(document["disclosure"])
+    assert disclosure.to_wire() == document["disclosure"]
+    binding = (disclosure.custodian, disclosure.exchange, disclosure.sequence)
+    assert binding == (statement.custodian, statement.exchange, statement.sequence)
+    assert disclosure.statement_digest.hex() == document["digest"]
+    assert disclosure.clear == ()  # a snapshot lists every leaf and clears nothing
+    leaves = disclosure.set_leaves
     salts = {(e["account"], e["asset"]): e["salt"] for e in document["salt_derivation"]["examples"]}
     assert all(salts[(leaf.account, leaf.asset)] == leaf.salt.hex() for leaf in leaves)
     depths = {root.asset: root.depth for root in statement.assets}
     trees = build_trees(leaves, depths=depths)
-    decimals = {root.asset: root.decimals for root in statement.assets}
-    assert compute_asset_roots(trees, decimals=decimals) == statement.assets
+    assert compute_asset_roots(trees, decimals=document["decimals"]) == statement.assets
 
 
 def test_quorum_signature_is_reproduced() -> None:
@@ -484,6 +512,33 @@ def test_custodian_signature_verifies() -> None:
     )
 
 
+def trees_to_wire(receiver: ReceiverTrees) -> list[JsonObject]:
+    return [
+        {
+            "asset": asset,
+            "depth": tree.depth,
+            "root": tree.root.hex(),
+            "total": str(tree.total),
+            "count": tree.count,
+        }
+        for asset, tree in sorted(receiver.trees.items())
+    ]
+
+
+def roots_to_wire(statement: Statement) -> list[JsonObject]:
+    """What the receiver's trees must be once ``statement`` is accepted: its signed roots."""
+    return [
+        {
+            "asset": root.asset,
+            "depth": root.depth,
+            "root": root.root.hex(),
+            "total": str(root.total),
+            "count": root.count,
+        }
+        for root in statement.assets
+    ]
+
+
 def test_signed_statement_wire_and_verification() -> None:
     document = load("statement.json")
     signed = SignedStatement.from_wire(document["signed_statement"])
@@ -492,53 +547,145 @@ def test_signed_statement_wire_and_verification() -> None:
     assert signed.encode() == message
     registry = registry_of(document)
     assert registry.to_wire() == document["registry"]
-    leaves = [DisclosedLeaf.from_wire(item) for item in document["disclosed_leaves"]]
-    depths = {root.asset: root.depth for root in signed.statement.assets}
+    receiver = ReceiverTrees(document["decimals"])
     verified = verify_statement(
         message,
+        custodian=document["stream"]["custodian"],
+        exchange=document["stream"]["exchange"],
         registry=registry,
         head=None,
         now=parse_timestamp(document["now"]),
-        trees=build_trees(leaves, depths=depths),
+        receiver=receiver,
+        disclosure=_disclosure(document["disclosure"]),
     )
+    assert receiver.trees == {}  # nothing changes before the plan is applied
+    verified.trees_plan.apply()
     assert document["expected"] == OK
     assert head_to_wire(verified.head) == document["expected_head"]
+    assert trees_to_wire(receiver) == document["expected_trees"] == roots_to_wire(signed.statement)
 
 
 # --- verification.json --------------------------------------------------------------------------
 
 _CASES = load("verification.json")["cases"]
+_COVERED_REASONS = {
+    OK,
+    "malformed",
+    "invalid_amount",
+    "float_rejected",
+    "negative_sum",
+    "sum_overflow",
+    "sequence_replay",
+    "wrong_stream",
+    "unknown_key",
+    "revoked_key",
+    "key_not_valid",
+    "bad_signature",
+    "missing_quorum",
+    "expired",
+    "future_dated",
+    "policy_violation",
+    "sequence_gap",
+    "fork",
+    "broken_chain",
+    "duplicate_leaf",
+    "root_mismatch",
+    "sum_mismatch",
+}
 
 
 def test_verification_settings() -> None:
     document = load("verification.json")
     policy = VerificationPolicy()
     assert policy.max_clock_skew == timedelta(milliseconds=document["max_clock_skew_ms"])
+    assert policy.max_lifetime == timedelta(milliseconds=document["max_lifetime_ms"])
+    assert document["default_max_bytes"] == MAX_MESSAGE_BYTES
     assert registry_of(document).to_wire() == document["registry"]
+    assert document["registry"] == load("statement.json")["registry"]
+    assert document["decimals"] == load("statement.json")["decimals"]
     names = [case["name"] for case in _CASES]
     assert len(set(names)) == len(names)
-    # Every reason the exchange can dead-letter a statement with is exercised at least once.
-    covered = {case["expected"] for case in _CASES}
-    assert covered >= {
-        OK,
-        "bad_signature",
-        "unknown_key",
-        "revoked_key",
-        "key_not_valid",
-        "missing_quorum",
-        "sequence_replay",
-        "sequence_gap",
-        "fork",
-        "broken_chain",
-        "expired",
-        "future_dated",
-        "root_mismatch",
-        "sum_mismatch",
-        "negative_sum",
-        "sum_overflow",
-        "malformed",
-        "float_rejected",
-    }
+    # Every reason the receiver can dead-letter a statement with is exercised at least once.
+    assert {case["expected"] for case in _CASES} >= _COVERED_REASONS
+    assert {case["receiver"] for case in _CASES} == set(document["receiver_states"])
+
+
+def _receiver(document: JsonObject, name: str) -> ReceiverTrees:
+    """The receiver's trees before a case, rebuilt from the leaves it holds (as a receiver that
+    restarts does from its database)."""
+    state = document["receiver_states"][name]
+    leaves = [DisclosedLeaf.from_wire(item) for item in state["leaves"]]
+    return ReceiverTrees.restore(document["decimals"], leaves, depths=state["depths"])
+
+
+def _case(name: str) -> JsonObject:
+    return next(case for case in _CASES if case["name"] == name)
+
+
+def _accept(document: JsonObject, case: JsonObject, receiver: ReceiverTrees) -> ChainHead:
+    verified = verify_statement(
+        wire_bytes(case["message"]),
+        custodian=case["stream"]["custodian"],
+        exchange=case["stream"]["exchange"],
+        registry=registry_of(document),
+        head=head_from_wire(case["head"]),
+        now=parse_timestamp(case["now"]),
+        receiver=receiver,
+        disclosure=_disclosure(case["disclosure"]),
+    )
+    verified.trees_plan.apply()
+    return verified.head
+
+
+def test_receiver_states_are_what_the_sample_chain_leaves() -> None:
+    # The stored states are the ones a receiver reaches by accepting the sample snapshot and
+    # then the sample delta, not just any leaves.
+    document = load("verification.json")
+    receiver = _receiver(document, "none")
+    assert receiver.trees == {}
+    head = _accept(document, _case("valid snapshot, no head"), receiver)
+    assert trees_to_wire(receiver) == trees_to_wire(_receiver(document, "after_snapshot"))
+    delta = _case("valid delta after the snapshot")
+    assert delta["head"] == head_to_wire(head)
+    _accept(document, delta, receiver)
+    assert trees_to_wire(receiver) == trees_to_wire(_receiver(document, "after_delta"))
+
+
+def _history(case: JsonObject) -> dict[int, bytes] | None:
+    if "history" not in case:
+        return None
+    return {item["sequence"]: bytes.fromhex(item["digest"]) for item in case["history"]}
+
+
+def _trees_from_leaves(
+    document: JsonObject, case: JsonObject, statement: Statement
+) -> list[JsonObject]:
+    """The trees after an accepted statement, rebuilt from scratch: the receiver's leaves with
+    the disclosure applied (all of them replaced for a snapshot), at the statement's depths."""
+    disclosure = _disclosure(case["disclosure"])
+    leaves: dict[tuple[str, int], DisclosedLeaf] = {}
+    if statement.kind is StatementKind.DELTA:
+        for item in document["receiver_states"][case["receiver"]]["leaves"]:
+            leaf = DisclosedLeaf.from_wire(item)
+            leaves[(leaf.asset, leaf.position)] = leaf
+    for slot in disclosure.clear:
+        del leaves[(slot.asset, slot.position)]
+    for leaf in disclosure.set_leaves:
+        leaves[(leaf.asset, leaf.position)] = leaf
+    depths = {root.asset: root.depth for root in statement.assets}
+    trees = build_trees(leaves.values(), depths=depths)
+    for asset, depth in depths.items():
+        trees.setdefault(asset, SumTree(asset, depth=depth))
+    return [
+        {
+            "asset": asset,
+            "depth": tree.depth,
+            "root": tree.root.hex(),
+            "total": str(tree.total),
+            "count": tree.count,
+        }
+        for asset, tree in sorted(trees.items())
+    ]
 
 
 @pytest.mark.parametrize("case", _CASES, ids=[case["name"] for case in _CASES])
@@ -553,29 +700,39 @@ def test_verification_case(case: JsonObject) -> None:
     if "max_bytes" in case:
         max_bytes = case["max_bytes"]
         assert case["message_bytes"] == len(data)
-    trees = None
-    if "leaves" in case:
-        depths = {a["asset"]: a["depth"] for a in case["message"]["statement"]["assets"]}
-        leaves = [DisclosedLeaf.from_wire(item) for item in case["leaves"]]
-        trees = build_trees(leaves, depths=depths)
-    results: list[ChainHead] = []
+    receiver = _receiver(document, case["receiver"])
+    before = trees_to_wire(receiver)
+    results: list[VerifiedStatement] = []
 
     def run() -> None:
         verified = verify_statement(
             data,
+            custodian=case["stream"]["custodian"],
+            exchange=case["stream"]["exchange"],
             registry=registry_of(document),
             head=head_from_wire(case["head"]),
             now=parse_timestamp(case["now"]),
-            trees=trees,
+            receiver=receiver,
+            disclosure=_disclosure(case["disclosure"]),
+            history=_history(case),
             max_bytes=max_bytes,
         )
-        results.append(verified.head)
+        assert trees_to_wire(receiver) == before  # verification alone changes nothing
+        verified.trees_plan.apply()
+        results.append(verified)
 
     assert reason(run) == case["expected"]
-    if case["expected"] == OK:
-        assert head_to_wire(results[0]) == case["expected_head"]
-    else:
+    if case["expected"] != OK:
         assert "expected_head" not in case
+        assert "expected_trees" not in case
+        assert trees_to_wire(receiver) == before
+        return
+    verified = results[0]
+    assert head_to_wire(verified.head) == case["expected_head"]
+    assert verified.head.digest == verified.statement.compute_digest()
+    trees = case["expected_trees"]
+    assert trees_to_wire(receiver) == trees == roots_to_wire(verified.statement)
+    assert _trees_from_leaves(document, case, verified.statement) == trees
 
 
 # --- translog.json ------------------------------------------------------------------------------
@@ -706,36 +863,76 @@ def test_signed_checkpoint() -> None:
     verify_p256_digest(
         public_key=bytes.fromhex(key["public_key"]), digest=digest, signature=signed.signature
     )
-    assert reason(lambda: verify_checkpoint(signed, registry=registry)) == vector["expected"]
+    now = parse_timestamp(document["now"])
+    assert reason(lambda: verify_checkpoint(signed, registry=registry, now=now)) == OK
+    assert vector["expected"] == OK
     tampered = _signed_checkpoint(vector["tampered"]["signed"])
-    got = reason(lambda: verify_checkpoint(tampered, registry=registry))
+    got = reason(lambda: verify_checkpoint(tampered, registry=registry, now=now))
     assert got == vector["tampered"]["expected"]
     # The checkpoint's head is the head of the log at that size.
     head = document["heads"][vector["checkpoint"]["size"]]
     assert head["root"] == vector["checkpoint"]["root"]
 
 
+def test_checkpoints_dated_around_the_clock_skew() -> None:
+    document = load("translog.json")
+    registry = registry_of(document)
+    now = parse_timestamp(document["now"])
+    skew = timedelta(milliseconds=document["max_clock_skew_ms"])
+    assert skew == VerificationPolicy().max_clock_skew
+    for case in document["checkpoint"]["dated"]:
+        signed = _signed_checkpoint(case["signed"])
+        ahead = signed.checkpoint.issued_at - now
+        assert (ahead > skew) == (case["expected"] == "future_dated"), case["name"]
+        got = reason(functools.partial(verify_checkpoint, signed, registry=registry, now=now))
+        assert got == case["expected"], case["name"]
+
+
 def test_split_views() -> None:
     document = load("translog.json")
     registry = registry_of(document)
+    now = parse_timestamp(document["now"])
     for case in document["split_views"]:
         proof = None if case["proof"] is None else LogConsistencyProof.from_wire(case["proof"])
         first, second = _signed_checkpoint(case["first"]), _signed_checkpoint(case["second"])
         got = reason(
-            functools.partial(verify_same_history, first, second, registry=registry, proof=proof)
+            functools.partial(
+                verify_same_history, first, second, registry=registry, proof=proof, now=now
+            )
         )
         assert got == case["expected"], case["name"]
+
+
+def test_a_rollback_is_a_split_view_even_with_a_valid_consistency_proof() -> None:
+    # The rolled-back pair carries a consistency proof that verifies on its own: only the
+    # issue times betray that the log shrank.
+    document = load("translog.json")
+    rollbacks = [case for case in document["split_views"] if case["name"].startswith("rollback")]
+    assert len(rollbacks) == 2
+    for case in rollbacks:
+        first, second = _signed_checkpoint(case["first"]), _signed_checkpoint(case["second"])
+        smaller, larger = sorted((first, second), key=lambda c: c.checkpoint.head.size)
+        assert smaller.checkpoint.issued_at > larger.checkpoint.issued_at
+        proof = LogConsistencyProof.from_wire(case["proof"])
+        verify_log_consistency(old=smaller.checkpoint.head, new=larger.checkpoint.head, proof=proof)
+        assert case["expected"] == "split_view"
 
 
 # --- client_proof.json --------------------------------------------------------------------------
 
 
 def _client_check(document: JsonObject, bundle: JsonObject) -> int:
-    """What a client does: verify the statement's signatures, then its own proof."""
-    signed = SignedStatement.decode(wire_bytes(document["signed_statement"]))
-    verify_statement_signatures(signed, registry=registry_of(document))
+    """What a client does: read its bundle, authenticate the statement for the bundle's stream
+    at its own clock, then check its own proof."""
     client_proof = ClientProof.from_wire(parse_json_object(wire_bytes(bundle)))
-    return verify_client_proof(client_proof, statement=signed.statement)
+    authenticated = authenticate_statement(
+        wire_bytes(document["signed_statement"]),
+        custodian=client_proof.custodian,
+        exchange=client_proof.exchange,
+        registry=registry_of(document),
+        now=parse_timestamp(document["now"]),
+    )
+    return verify_client_proof(client_proof, statement=authenticated.statement)
 
 
 def test_client_proofs() -> None:
@@ -745,7 +942,7 @@ def test_client_proofs() -> None:
     # The same statement as statement.json, whose disclosed leaves give the expected proofs.
     statement_vector = load("statement.json")
     assert document["signed_statement"]["statement"] == statement_vector["statement"]
-    leaves = [DisclosedLeaf.from_wire(item) for item in statement_vector["disclosed_leaves"]]
+    leaves = _disclosure(statement_vector["disclosure"]).set_leaves
     depths = {root.asset: root.depth for root in signed.statement.assets}
     trees = build_trees(leaves, depths=depths)
     for item in document["valid"]:

@@ -604,3 +604,14 @@ def test_disclosure_of_another_statement(world: World) -> None:
     other = world.statement(issued_at=NOW - timedelta(seconds=1))
     with pytest.raises(WrongStream):
         accept(world, signed, disclosure=LeafDisclosure.for_statement(other, world.leaves))
+
+
+def test_an_emptied_asset_may_leave_the_statement() -> None:
+    w = World()
+    receiver = ReceiverTrees({**DECIMALS, "ETH": 18})
+    empty_eth = AssetRoot("ETH", 18, SumTree("ETH").root, 0, 0, 0)
+    first = w.statement(assets=tuple(sorted((*w.assets(), empty_eth), key=lambda r: r.asset)))
+    head = accept(w, w.sign(first), receiver=receiver)
+    assert receiver.trees["ETH"].count == 0
+    second = w.next_statement(first, assets=w.assets())  # ETH no longer listed
+    accept(w, w.sign(second), head=head, now=NOW + timedelta(seconds=1), receiver=receiver)
