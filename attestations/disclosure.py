@@ -1,11 +1,13 @@
-"""Disclosed leaves: what a receiver needs to rebuild the sum trees of a statement, and the
-client's proof bundle.
+"""Disclosed leaves: what a receiver needs to rebuild the sum trees of a statement, the
+receiver's trees themselves, and the client's proof bundle.
 
 A :class:`DisclosedLeaf` is one (account, asset) holding with its tree position and its salt. The
-exchange receives the disclosed leaves of its own clients with each statement (all of them in a
-snapshot, the changed ones in a delta) and rebuilds the trees to check the signed roots. A client
-receives a :class:`ClientProof` for its own leaf only: its salt and the sibling path, never
-another client's account or salt.
+exchange receives a :class:`LeafDisclosure` of its own clients with each statement (every leaf in
+a snapshot; the set leaves and :class:`ClearedSlot` positions in a delta). :class:`ReceiverTrees`
+holds the exchange's copy of the trees and plans a disclosure against the signed roots without
+changing anything; the resulting :class:`TreesPlan` is applied all or nothing. A client receives
+a :class:`ClientProof` for its own leaf only: its salt and the sibling path, never another
+client's account or salt.
 
 Salts are derived by the custodian from a secret it keeps (:func:`compute_salt`), so they are
 stable across epochs (stable commitments keep tree updates incremental) and unguessable by anyone
