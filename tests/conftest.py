@@ -1,10 +1,10 @@
-"""Shared test configuration: the SoftHSM2 plugin and the ``--run-slow`` switch."""
+"""Shared test configuration: the SoftHSM2, broker and database plugins, and ``--run-slow``."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.softhsm"]
+pytest_plugins = ["tests.softhsm", "tests.broker", "tests.databases"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

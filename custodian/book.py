@@ -1,0 +1,621 @@
+"""The custody book's pure core: accounts, commands, the posting rules, idempotency, invariants.
+
+What this module does: validate commands (each one is well-formed once constructed), turn a
+command plus the current balances of the two accounts it touches into a balanced journal entry
+or reject it, decide whether a reused idempotency key is a harmless retry or a conflict, and
+recompute the book from its journal to find every broken invariant. :class:`MemoryBook` applies
+commands to an in-memory book with exactly these rules; it is the reference the database store
+(:mod:`custodian.store`) is tested against.
+
+What it does not do: read or write a database, read the clock (``now`` is passed in), or verify
+the exchange's signature over an unpledge's release acknowledgement. That signature arrives with
+the exchange's instruction messages in a later change; until then an :class:`Unpledge` carries
+the acknowledgement id, the book records it, and the check goes through the
+:data:`ReleaseAckVerifier` hook, whose default (:func:`record_release_ack_unverified`) only records.
+
+Money: quantities are ``int`` minor units in ``[1, 2**128)`` on commands; a posting is a signed
+amount. A float anywhere raises :class:`~attestations.errors.FloatRejected`.
+
+Sign convention: a posting adds its amount to its account. Client accounts (``available``,
+``pledged:<exchange>``, ``settlement``) never go below zero. Each asset has one custodian account,
+``@custodian/<asset>/external``, the counterpart of deposits and withdrawals: its balance is minus
+the units the custodian holds for clients, so the balances of one asset always sum to zero.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Final
+
+from attestations.amounts import UNITS_LIMIT, Asset, validate_asset_code
+from attestations.canonical import compute_canonical_bytes, compute_digest
+from attestations.errors import AmountError, DecodeError, FloatRejected
+from attestations.merkle import validate_account
+from attestations.statement import validate_party
+from custodian.errors import (
+    CustodyLimitExceeded,
+    IdempotencyConflict,
+    InsufficientBalance,
+    InvalidQuantity,
+    UnknownAsset,
+)
+
+COMMAND_VERSION: Final = 1
+"""``version`` member of a command's canonical JSON (stored with every journal entry)."""
+DOMAIN_COMMAND: Final = "mcb/book-command/v1"
+"""Domain tag of a command digest, which decides whether a reused idempotency key is a retry."""
+
+CUSTODIAN: Final = "@custodian"
+"""Holder of the per-asset external accounts. Reserved: no client may use this id."""
+
+AVAILABLE: Final = "available"
+SETTLEMENT: Final = "settlement"
+EXTERNAL: Final = "external"
+PLEDGED_PREFIX: Final = "pledged:"
+
+_IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
+_ACK_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+# --- identifiers --------------------------------------------------------------------------------
+
+
+def validate_client(value: object) -> str:
+    """Client ids are Merkle-leaf account ids (1-128 of ``[A-Za-z0-9._:@-]``), except the
+    custodian's reserved holder id."""
+    client = validate_account(value)
+    if client == CUSTODIAN:
+        raise DecodeError(f"client id {CUSTODIAN!r} is reserved for the custodian")
+    return client
+
+
+def validate_idempotency_key(value: object) -> str:
+    """1-128 printable ASCII characters, no spaces."""
+    if not isinstance(value, str) or not _IDEMPOTENCY_KEY_RE.fullmatch(value):
+        raise DecodeError(
+            f"idempotency key {str(value)[:40]!r} must be 1-128 printable ASCII characters"
+        )
+    return value
+
+
+def validate_release_ack(value: object) -> str:
+    """The exchange's release acknowledgement id: 1-128 printable ASCII characters."""
+    if not isinstance(value, str) or not _ACK_ID_RE.fullmatch(value):
+        raise DecodeError(
+            f"release acknowledgement {str(value)[:40]!r} must be 1-128 printable ASCII characters"
+        )
+    return value
+
+
+def pledged_to(exchange: str) -> str:
+    """The sub-account of units pledged to ``exchange``."""
+    return PLEDGED_PREFIX + validate_party(exchange, what="exchange")
+
+
+def validate_sub_account(value: object) -> str:
+    """``available``, ``settlement``, ``external`` or ``pledged:<exchange>``."""
+    if value in (AVAILABLE, SETTLEMENT, EXTERNAL):
+        return str(value)
+    if isinstance(value, str) and value.startswith(PLEDGED_PREFIX):
+        return pledged_to(value[len(PLEDGED_PREFIX) :])
+    raise DecodeError(f"sub-account {str(value)[:80]!r} is not known")
+
+
+def check_quantity(value: object, *, what: str = "quantity") -> int:
+    """A command quantity: an int in ``[1, 2**128)``. Zero moves nothing, so it is refused."""
+    if isinstance(value, float):
+        raise FloatRejected(f"{what}: float {value!r} is not accepted as money")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AmountError(f"{what}: expected int minor units, got {type(value).__name__}")
+    if value <= 0:
+        raise InvalidQuantity(f"{what}: {value} is not positive")
+    if value >= UNITS_LIMIT:
+        raise InvalidQuantity(f"{what}: {value} does not fit in 128 bits")
+    return value
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Account:
+    """One balance: (holder, asset, sub-account). Ordered, so that locks are always taken in one
+    global order."""
+
+    holder: str
+    asset: str
+    sub_account: str
+
+    def __post_init__(self) -> None:
+        validate_asset_code(self.asset)
+        validate_sub_account(self.sub_account)
+        if self.holder == CUSTODIAN:
+            if self.sub_account != EXTERNAL:
+                raise DecodeError(f"the custodian holds only {EXTERNAL!r} accounts")
+        else:
+            validate_client(self.holder)
+            if self.sub_account == EXTERNAL:
+                raise DecodeError(f"{EXTERNAL!r} is the custodian's account, not a client's")
+
+    @classmethod
+    def external(cls, asset: str) -> Account:
+        return cls(CUSTODIAN, asset, EXTERNAL)
+
+    @property
+    def is_external(self) -> bool:
+        return self.holder == CUSTODIAN
+
+    @property
+    def exchange(self) -> str | None:
+        """The exchange of a ``pledged:<exchange>`` account, else None."""
+        if self.sub_account.startswith(PLEDGED_PREFIX):
+            return self.sub_account[len(PLEDGED_PREFIX) :]
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    """``amount`` (signed minor units, never zero) added to ``account``."""
+
+    account: Account
+    amount: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.account, Account):
+            raise DecodeError(f"posting account is a {type(self.account).__name__}")
+        if isinstance(self.amount, float):
+            raise FloatRejected(f"posting amount {self.amount!r} is a float")
+        if isinstance(self.amount, bool) or not isinstance(self.amount, int):
+            raise AmountError(f"posting amount is a {type(self.amount).__name__}")
+        if self.amount == 0 or abs(self.amount) >= UNITS_LIMIT:
+            raise InvalidQuantity(f"posting amount {self.amount} is zero or beyond 128 bits")
+
+
+# --- commands -----------------------------------------------------------------------------------
+# Each command moves ``quantity`` units of one asset of one client from a source sub-account to a
+# destination sub-account; _ROUTES below is the whole set of posting rules.
+
+
+def _check_common(idempotency_key: object, client: object, asset: object, quantity: object) -> None:
+    validate_idempotency_key(idempotency_key)
+    validate_client(client)
+    validate_asset_code(asset)
+    check_quantity(quantity)
+
+
+@dataclass(frozen=True, slots=True)
+class Deposit:
+    """Units arrive in custody for ``client``: external -> available."""
+
+    kind: ClassVar[str] = "deposit"
+    idempotency_key: str
+    client: str
+    asset: str
+    quantity: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.idempotency_key, self.client, self.asset, self.quantity)
+
+
+@dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Units leave custody, from available units only: available -> external."""
+
+    kind: ClassVar[str] = "withdraw"
+    idempotency_key: str
+    client: str
+    asset: str
+    quantity: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.idempotency_key, self.client, self.asset, self.quantity)
+
+
+@dataclass(frozen=True, slots=True)
+class Pledge:
+    """Lock available units for one exchange: available -> pledged:<exchange>."""
+
+    kind: ClassVar[str] = "pledge"
+    idempotency_key: str
+    client: str
+    asset: str
+    exchange: str
+    quantity: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.idempotency_key, self.client, self.asset, self.quantity)
+        validate_party(self.exchange, what="exchange")
+
+
+@dataclass(frozen=True, slots=True)
+class Unpledge:
+    """Release pledged units after the exchange acknowledged the release:
+    pledged:<exchange> -> available. ``release_ack`` is the exchange's acknowledgement id; the book
+    records it with the entry (its signature is checked through :data:`ReleaseAckVerifier`)."""
+
+    kind: ClassVar[str] = "unpledge"
+    idempotency_key: str
+    client: str
+    asset: str
+    exchange: str
+    quantity: int
+    release_ack: str
+
+    def __post_init__(self) -> None:
+        _check_common(self.idempotency_key, self.client, self.asset, self.quantity)
+        validate_party(self.exchange, what="exchange")
+        validate_release_ack(self.release_ack)
+
+
+@dataclass(frozen=True, slots=True)
+class MoveToSettlement:
+    """Move pledged units to the client's settlement sub-account, the first step of a
+    liquidation: pledged:<exchange> -> settlement."""
+
+    kind: ClassVar[str] = "move_to_settlement"
+    idempotency_key: str
+    client: str
+    asset: str
+    exchange: str
+    quantity: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.idempotency_key, self.client, self.asset, self.quantity)
+        validate_party(self.exchange, what="exchange")
+
+
+Command = Deposit | Withdraw | Pledge | Unpledge | MoveToSettlement
+
+_COMMAND_TYPES: Final[dict[str, type[Command]]] = {
+    cls.kind: cls for cls in (Deposit, Withdraw, Pledge, Unpledge, MoveToSettlement)
+}
+
+ReleaseAckVerifier = Callable[[Unpledge], None]
+"""Hook that checks an unpledge's release acknowledgement and raises a CounterpartyError when it
+is not valid. The exchange-signed acknowledgement (and so a real verifier) comes with a later
+change; the default records the id without verifying anything."""
+
+
+def record_release_ack_unverified(command: Unpledge) -> None:
+    """Default :data:`ReleaseAckVerifier`: accepts any well-formed acknowledgement id (checked by
+    :class:`Unpledge` itself). The id is stored with the journal entry for audit."""
+    del command
+
+
+def compute_command_json(command: Command) -> dict[str, Any]:
+    """The command as a JSON object (quantities as decimal strings), as stored and digested."""
+    obj: dict[str, Any] = {
+        "version": COMMAND_VERSION,
+        "kind": command.kind,
+        "idempotency_key": command.idempotency_key,
+        "client": command.client,
+        "asset": command.asset,
+        "quantity": str(command.quantity),
+    }
+    if isinstance(command, Pledge | Unpledge | MoveToSettlement):
+        obj["exchange"] = command.exchange
+    if isinstance(command, Unpledge):
+        obj["release_ack"] = command.release_ack
+    return obj
+
+
+def compute_command_bytes(command: Command) -> bytes:
+    """RFC 8785 bytes of :func:`compute_command_json`."""
+    return compute_canonical_bytes(compute_command_json(command))
+
+
+def compute_command_digest(command: Command) -> str:
+    """Hex digest that identifies a command's content for idempotency."""
+    return compute_digest(domain=DOMAIN_COMMAND, obj=compute_command_json(command)).hex()
+
+
+def parse_command(obj: Mapping[str, Any]) -> Command:
+    """Inverse of :func:`compute_command_json`."""
+    if obj.get("version") != COMMAND_VERSION:
+        raise DecodeError(f"command version {obj.get('version')!r} is not {COMMAND_VERSION}")
+    cls = _COMMAND_TYPES.get(obj.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise DecodeError(f"command kind {str(obj.get('kind'))[:40]!r} is not known")
+    expected = {"version", "kind", "idempotency_key", "client", "asset", "quantity"}
+    if cls in (Pledge, Unpledge, MoveToSettlement):
+        expected.add("exchange")
+    if cls is Unpledge:
+        expected.add("release_ack")
+    if set(obj) != expected:
+        raise DecodeError(f"{cls.kind} command members {sorted(obj)} are not {sorted(expected)}")
+    quantity = obj["quantity"]
+    if not isinstance(quantity, str) or not re.fullmatch(r"[1-9][0-9]{0,38}", quantity):
+        raise AmountError(f"command quantity {str(quantity)[:45]!r} is not a decimal string")
+    fields = {k: v for k, v in obj.items() if k not in ("version", "kind")}
+    fields["quantity"] = int(quantity)
+    return cls(**fields)
+
+
+# --- the posting rules --------------------------------------------------------------------------
+
+_ROUTES: Final[dict[str, tuple[str, str]]] = {
+    # kind: (source sub-account, destination sub-account); "pledged" means pledged:<exchange>.
+    # The source is debited (-quantity), the destination credited (+quantity): every entry
+    # balances by construction. No route leaves pledged units except through an unpledge (back to
+    # available, with the exchange's acknowledgement) or a move to settlement (liquidation), and a
+    # withdrawal takes available units only: that is why a pledged unit can never be withdrawn or
+    # pledged a second time.
+    Deposit.kind: (EXTERNAL, AVAILABLE),
+    Withdraw.kind: (AVAILABLE, EXTERNAL),
+    Pledge.kind: (AVAILABLE, "pledged"),
+    Unpledge.kind: ("pledged", AVAILABLE),
+    MoveToSettlement.kind: ("pledged", SETTLEMENT),
+}
+
+
+def _account_for(command: Command, sub_account: str) -> Account:
+    if sub_account == EXTERNAL:
+        return Account.external(command.asset)
+    if sub_account == "pledged":
+        if not isinstance(command, Pledge | Unpledge | MoveToSettlement):
+            raise TypeError(f"{command.kind} has no exchange")  # unreachable: _ROUTES is static
+        return Account(command.client, command.asset, pledged_to(command.exchange))
+    return Account(command.client, command.asset, sub_account)
+
+
+def compute_accounts(command: Command) -> tuple[Account, Account]:
+    """(source, destination) of a command: the only two balances it reads and writes."""
+    source, destination = _ROUTES[command.kind]
+    return _account_for(command, source), _account_for(command, destination)
+
+
+def compute_postings(command: Command) -> tuple[Posting, Posting]:
+    """The journal entry's postings: source debited, destination credited, in that order."""
+    source, destination = compute_accounts(command)
+    return Posting(source, -command.quantity), Posting(destination, command.quantity)
+
+
+def compute_entry(
+    command: Command,
+    balances: Mapping[Account, int],
+    *,
+    assets: Mapping[str, Asset],
+    verify_release_ack: ReleaseAckVerifier = record_release_ack_unverified,
+) -> tuple[Posting, Posting]:
+    """Accept ``command`` against the current ``balances`` (an account missing from the mapping
+    holds zero) and return its postings, or raise: unknown asset, a client account that would go
+    negative (pledge or withdrawal beyond available, unpledge or settlement beyond pledged), or
+    custody of one asset reaching 2**128."""
+    if command.asset not in assets:
+        raise UnknownAsset(f"asset {command.asset!r} is not configured in the book")
+    if isinstance(command, Unpledge):
+        verify_release_ack(command)
+    postings = compute_postings(command)
+    for posting in postings:
+        after = balances.get(posting.account, 0) + posting.amount
+        if posting.account.is_external:
+            if -after >= UNITS_LIMIT:
+                raise CustodyLimitExceeded(
+                    f"custody of {command.asset} would reach {-after}, beyond 128 bits"
+                )
+        elif after < 0:
+            account = posting.account
+            raise InsufficientBalance(
+                f"{command.kind} of {command.quantity} {account.asset} for {account.holder}: "
+                f"{account.sub_account} holds {balances.get(account, 0)}"
+            )
+    return postings
+
+
+def compute_balances_after(
+    balances: Mapping[Account, int], postings: Iterable[Posting]
+) -> dict[Account, int]:
+    """New balances of the accounts the postings touch (the other accounts do not change)."""
+    changed: dict[Account, int] = {}
+    for posting in postings:
+        current = changed.get(posting.account, balances.get(posting.account, 0))
+        changed[posting.account] = current + posting.amount
+    return changed
+
+
+# --- recorded entries and idempotency -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEntry:
+    """A journal entry as recorded: its position in the journal, when, the command that caused it
+    (with its idempotency key and, for an unpledge, the release acknowledgement) and its
+    postings. Applying a command returns this; a retry returns the same value."""
+
+    entry_id: int
+    recorded_at: datetime
+    command: Command
+    postings: tuple[Posting, ...]
+
+    def __post_init__(self) -> None:
+        if self.recorded_at.tzinfo is None:
+            raise DecodeError("recorded_at must be timezone-aware")
+
+
+def verify_retry(command: Command, *, recorded_digest: str) -> None:
+    """Pass when ``command`` has the content recorded under its idempotency key (a retry, which
+    must return the original result); raise :class:`IdempotencyConflict` when the key was used
+    for other content."""
+    if compute_command_digest(command) != recorded_digest:
+        raise IdempotencyConflict(
+            f"idempotency key {command.idempotency_key!r} was already used for another command"
+        )
+
+
+# --- invariants ---------------------------------------------------------------------------------
+
+
+def compute_invariant_breaks(
+    entries: Iterable[RecordedEntry], balances: Mapping[Account, int]
+) -> list[str]:
+    """Recompute the book from ``entries`` (in journal order) and return every broken invariant,
+    not just the first; an empty list means the book is sound. Checked: each entry's postings are
+    exactly its command's posting rule and sum to zero per asset; entry ids increase and
+    idempotency keys are unique; no client account is ever negative and no external account ever
+    positive; the recomputed balances equal ``balances``; per client and asset, the sub-accounts
+    add up to deposits minus withdrawals; per asset, all balances sum to zero."""
+    breaks: list[str] = []
+    replayed: dict[Account, int] = defaultdict(int)
+    net_deposits: dict[tuple[str, str], int] = defaultdict(int)
+    keys: set[str] = set()
+    last_id = 0
+    for entry in entries:
+        command = entry.command
+        where = f"entry {entry.entry_id} ({command.kind} {command.idempotency_key!r})"
+        if entry.entry_id <= last_id:
+            breaks.append(f"{where}: id not above the previous entry {last_id}")
+        last_id = max(last_id, entry.entry_id)
+        if command.idempotency_key in keys:
+            breaks.append(f"{where}: idempotency key recorded twice")
+        keys.add(command.idempotency_key)
+        breaks.extend(_entry_breaks(entry, where=where, replayed=replayed))
+        if isinstance(command, Deposit):
+            net_deposits[(command.client, command.asset)] += command.quantity
+        elif isinstance(command, Withdraw):
+            net_deposits[(command.client, command.asset)] -= command.quantity
+    breaks.extend(
+        f"{_name(account)}: stored balance {balances.get(account, 0)}, journal gives "
+        f"{replayed.get(account, 0)}"
+        for account in sorted(set(replayed) | set(balances))
+        if balances.get(account, 0) != replayed.get(account, 0)
+    )
+    return breaks + _balance_breaks(balances, net_deposits)
+
+
+def _entry_breaks(entry: RecordedEntry, *, where: str, replayed: dict[Account, int]) -> list[str]:
+    """Breaks within one entry; adds its postings to ``replayed``."""
+    breaks: list[str] = []
+    sums: dict[str, int] = defaultdict(int)
+    for posting in entry.postings:
+        sums[posting.account.asset] += posting.amount
+    breaks.extend(
+        f"{where}: {asset} postings sum to {total}, not 0"
+        for asset, total in sorted(sums.items())
+        if total
+    )
+    if entry.postings != compute_postings(entry.command):
+        breaks.append(f"{where}: postings differ from the {entry.command.kind} posting rule")
+    for posting in entry.postings:
+        replayed[posting.account] += posting.amount
+        after = replayed[posting.account]
+        if after > 0 if posting.account.is_external else after < 0:
+            breaks.append(f"{where}: {_name(posting.account)} goes to {after}")
+    return breaks
+
+
+def _balance_breaks(
+    balances: Mapping[Account, int], net_deposits: Mapping[tuple[str, str], int]
+) -> list[str]:
+    """Breaks of the stored balances against the deposits and withdrawals of the journal."""
+    holdings: dict[tuple[str, str], int] = defaultdict(int)
+    per_asset: dict[str, int] = defaultdict(int)
+    for account, balance in balances.items():
+        per_asset[account.asset] += balance
+        if not account.is_external:
+            holdings[(account.holder, account.asset)] += balance
+    breaks = [
+        f"{client}/{asset}: sub-accounts hold {holdings.get((client, asset), 0)}, deposits minus "
+        f"withdrawals {net_deposits.get((client, asset), 0)}"
+        for client, asset in sorted(set(holdings) | set(net_deposits))
+        if holdings.get((client, asset), 0) != net_deposits.get((client, asset), 0)
+    ]
+    breaks.extend(
+        f"{asset}: balances sum to {total}, not 0"
+        for asset, total in sorted(per_asset.items())
+        if total
+    )
+    return breaks
+
+
+def _name(account: Account) -> str:
+    return f"{account.holder}/{account.asset}/{account.sub_account}"
+
+
+# --- the in-memory book -------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryBook:
+    """The custody book in memory, with the same operations as the database store. Used as the
+    reference model in tests and anywhere a book without persistence is enough."""
+
+    assets: Mapping[str, Asset]
+    verify_release_ack: ReleaseAckVerifier = record_release_ack_unverified
+    _balances: dict[Account, int] = field(default_factory=dict)
+    _journal: list[RecordedEntry] = field(default_factory=list)
+    _by_key: dict[str, tuple[str, RecordedEntry]] = field(default_factory=dict)
+
+    def apply(self, command: Command, *, now: datetime) -> RecordedEntry:
+        """Apply ``command`` once. A retry (same key, same content) returns the original entry
+        and changes nothing; the same key with other content raises IdempotencyConflict."""
+        recorded = self._by_key.get(command.idempotency_key)
+        if recorded is not None:
+            digest, entry = recorded
+            verify_retry(command, recorded_digest=digest)
+            return entry
+        postings = compute_entry(
+            command, self._balances, assets=self.assets, verify_release_ack=self.verify_release_ack
+        )
+        entry = RecordedEntry(len(self._journal) + 1, now, command, postings)
+        self._balances.update(compute_balances_after(self._balances, postings))
+        self._journal.append(entry)
+        self._by_key[command.idempotency_key] = (compute_command_digest(command), entry)
+        return entry
+
+    def balances(
+        self, *, client: str | None = None, asset: str | None = None
+    ) -> dict[Account, int]:
+        """Non-zero client balances, optionally of one client and/or one asset."""
+        return select_balances(self._balances, client=client, asset=asset)
+
+    def pledged(self, exchange: str) -> dict[tuple[str, str], int]:
+        """Non-zero units pledged to ``exchange`` per (client, asset)."""
+        return select_pledged(self._balances, exchange=exchange)
+
+    def totals(self) -> dict[str, int]:
+        """Units held in custody per asset (deposits minus withdrawals over all clients)."""
+        return select_totals(self._balances)
+
+    def journal(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEntry]:
+        return [entry for entry in self._journal if entry.entry_id > after][:limit]
+
+    def entry(self, idempotency_key: str) -> RecordedEntry | None:
+        recorded = self._by_key.get(idempotency_key)
+        return None if recorded is None else recorded[1]
+
+    def check_invariants(self) -> list[str]:
+        return compute_invariant_breaks(self._journal, self._balances)
+
+
+def select_balances(
+    balances: Mapping[Account, int], *, client: str | None = None, asset: str | None = None
+) -> dict[Account, int]:
+    """The non-zero client balances of ``balances``, filtered, in account order."""
+    return {
+        account: balance
+        for account, balance in sorted(balances.items())
+        if balance
+        and not account.is_external
+        and (client is None or account.holder == client)
+        and (asset is None or account.asset == asset)
+    }
+
+
+def select_pledged(balances: Mapping[Account, int], *, exchange: str) -> dict[tuple[str, str], int]:
+    """Non-zero units pledged to ``exchange`` per (client, asset), in that order."""
+    sub_account = pledged_to(exchange)
+    return {
+        (account.holder, account.asset): balance
+        for account, balance in sorted(balances.items())
+        if balance and account.sub_account == sub_account
+    }
+
+
+def select_totals(balances: Mapping[Account, int]) -> dict[str, int]:
+    """Units in custody per asset: minus each external account's balance, non-zero only."""
+    return {
+        account.asset: -balance
+        for account, balance in sorted(balances.items())
+        if account.is_external and balance
+    }

@@ -1,0 +1,591 @@
+"""The custody book on a database (sqlmodel): tables, one transaction per command, queries.
+
+What this module does: hold the book's tables, apply a command in one database transaction
+(lock the two balances it touches, look its idempotency key up, let :mod:`custodian.book` accept
+or reject it, insert the journal entry and its postings, update the balances, commit), and answer
+queries (balances, units pledged per exchange, the journal, the invariant check). SQLite by
+default, PostgreSQL by URL, same code; the schema comes from the Alembic migrations in
+:mod:`custodian.migrations`, never from ``create_all``.
+
+What it does not do: decide anything. Every rule (posting rules, limits, idempotency conflicts,
+invariants) is in :mod:`custodian.book`; this module only reads what the rules need and persists
+what they accepted.
+
+Locking: on PostgreSQL each command creates its two balance rows if missing
+(``INSERT ... ON CONFLICT DO NOTHING``) and locks them with ``SELECT ... FOR UPDATE``, one account
+at a time in :class:`~custodian.book.Account` order, so two commands touching the same units
+serialize and no lock cycle can form. SQLite transactions start with ``BEGIN IMMEDIATE``, which
+takes the database's write lock up front. Lock conflicts the database resolves by aborting
+(deadlock, serialization failure, "database is locked") are retried a few times, then surface as
+:class:`~custodian.errors.BookUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Final, Self
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import registry
+from sqlalchemy.types import TypeDecorator, TypeEngine
+from sqlmodel import Field, Session, SQLModel, select
+
+from attestations.amounts import UNITS_LIMIT, Asset
+from attestations.canonical import parse_json_object
+from attestations.errors import AmountError, FloatRejected
+from custodian import migrations
+from custodian.book import (
+    Account,
+    Command,
+    Posting,
+    RecordedEntry,
+    ReleaseAckVerifier,
+    compute_accounts,
+    compute_balances_after,
+    compute_command_bytes,
+    compute_command_digest,
+    compute_entry,
+    compute_invariant_breaks,
+    parse_command,
+    pledged_to,
+    record_release_ack_unverified,
+    select_balances,
+    select_pledged,
+    select_totals,
+    verify_retry,
+)
+from custodian.errors import (
+    BookCorrupted,
+    BookUnavailable,
+    SchemaNotCurrent,
+    UnsupportedDatabase,
+)
+
+SUPPORTED_DIALECTS: Final = frozenset({"sqlite", "postgresql"})
+DEFAULT_MAX_ATTEMPTS: Final = 5
+"""Tries of one command when the database aborts it for a lock conflict."""
+_RETRY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03"})
+# serialization_failure, deadlock_detected, lock_not_available: the transaction was rolled back
+# and the same command may succeed on a second try.
+_UNITS_TEXT_RE: Final = re.compile(r"0|-?[1-9][0-9]{0,38}")
+_PAGE: Final = 1000
+
+
+# --- column types -------------------------------------------------------------------------------
+
+
+class Units(TypeDecorator[int]):
+    """Exact signed minor units with magnitude below 2**128: ``NUMERIC(39, 0)`` on PostgreSQL,
+    the canonical decimal string on SQLite (whose INTEGER stops at 2**63 and whose NUMERIC
+    affinity would turn larger values into lossy floats). Reads return ``int``; a float, a bool or
+    an out-of-range value is refused before it reaches the database."""
+
+    impl = String(40)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(Numeric(39, 0, asdecimal=True))
+        return dialect.type_descriptor(String(40))
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            raise FloatRejected(f"float {value!r} offered as stored money")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise AmountError(f"stored money must be int, got {type(value).__name__}")
+        if abs(value) >= UNITS_LIMIT:
+            raise AmountError(f"stored money {value} is beyond 128 bits")
+        return Decimal(value) if dialect.name == "postgresql" else str(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, Decimal):
+            if value != value.to_integral_value():
+                raise BookCorrupted(f"stored money {value} is not an integer")
+            return int(value)
+        if isinstance(value, str) and _UNITS_TEXT_RE.fullmatch(value):
+            return int(value)
+        raise BookCorrupted(f"stored money {str(value)[:50]!r} is not a canonical integer")
+
+    @property
+    def python_type(self) -> type[int]:
+        return int
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC timestamps on both databases (SQLite keeps no zone, so it is stored
+    converted to UTC and read back as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("timestamps stored by the book must be timezone-aware")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _entry_id_type() -> TypeEngine[int]:
+    # BIGINT on PostgreSQL; INTEGER on SQLite, where only "INTEGER PRIMARY KEY" is the rowid.
+    return BigInteger().with_variant(Integer(), "sqlite")
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+book_registry = registry(metadata=MetaData())
+"""The book's own registry and metadata, so its migrations never see another package's tables."""
+
+
+class _BookTable(SQLModel, registry=book_registry):
+    pass
+
+
+class BalanceRow(_BookTable, table=True):
+    """Current balance of one account; the only mutable table. Rows are created by the first
+    command that touches the account, inside that command's transaction."""
+
+    __tablename__ = "book_balances"
+
+    holder: str = Field(primary_key=True, max_length=128)
+    asset: str = Field(primary_key=True, max_length=16)
+    sub_account: str = Field(primary_key=True, max_length=80)
+    balance: int = Field(sa_type=Units, nullable=False)
+    last_entry_id: int = Field(sa_type=BigInteger, nullable=False)
+
+
+class JournalEntryRow(_BookTable, table=True):
+    """One applied command (insert-only). ``command`` is its canonical JSON, ``command_digest``
+    what a retry under the same idempotency key must match."""
+
+    __tablename__ = "book_journal_entries"
+    __table_args__ = (
+        UniqueConstraint("idempotency_key", name="uq_book_journal_entries_idempotency_key"),
+        Index("ix_book_journal_entries_client_asset", "client", "asset"),
+        {"sqlite_autoincrement": True},
+    )
+
+    entry_id: int | None = Field(
+        default=None,
+        sa_column=Column(_entry_id_type(), primary_key=True, autoincrement=True),
+    )
+    idempotency_key: str = Field(max_length=128)
+    command_digest: str = Field(max_length=64)
+    kind: str = Field(max_length=32)
+    client: str = Field(max_length=128)
+    asset: str = Field(max_length=16)
+    command: str = Field(sa_type=Text)
+    recorded_at: datetime = Field(sa_type=UtcDateTime)
+
+
+class PostingRow(_BookTable, table=True):
+    """One posting of a journal entry (insert-only); ``line`` keeps the entry's order."""
+
+    __tablename__ = "book_postings"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["entry_id"],
+            ["book_journal_entries.entry_id"],
+            name="fk_book_postings_entry_id_book_journal_entries",
+        ),
+        ForeignKeyConstraint(
+            ["holder", "asset", "sub_account"],
+            ["book_balances.holder", "book_balances.asset", "book_balances.sub_account"],
+            name="fk_book_postings_account_book_balances",
+        ),
+        Index("ix_book_postings_account", "holder", "asset", "sub_account"),
+    )
+
+    entry_id: int = Field(sa_column=Column(_entry_id_type(), primary_key=True, autoincrement=False))
+    line: int = Field(
+        sa_type=SmallInteger, primary_key=True, sa_column_kwargs={"autoincrement": False}
+    )
+    holder: str = Field(max_length=128)
+    asset: str = Field(max_length=16)
+    sub_account: str = Field(max_length=80)
+    amount: int = Field(sa_type=Units, nullable=False)
+
+
+metadata: Final = book_registry.metadata
+
+
+# --- engine -------------------------------------------------------------------------------------
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it to the first
+    # write, after the reads the write depends on), and enforce foreign keys.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Connection) -> None:
+    # Take the write lock before the first read: the balances a command reads cannot change
+    # before it writes (SQLite has no SELECT ... FOR UPDATE).
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_book_engine(url: str) -> Engine:
+    """An engine for the book: a ``sqlite:///path`` or ``postgresql+psycopg://`` URL."""
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name not in SUPPORTED_DIALECTS:
+        engine.dispose()
+        raise UnsupportedDatabase(f"the custody book runs on SQLite or PostgreSQL, not {url!r}")
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+def _is_lock_conflict(exc: DBAPIError) -> bool:
+    """The database rolled the transaction back because of a concurrent one."""
+    if getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES:
+        return True
+    return isinstance(exc, OperationalError) and "locked" in str(exc.orig)
+
+
+@contextlib.contextmanager
+def _database_errors(what: str) -> Iterator[None]:
+    """Wrap driver errors that mean "not now" as BookUnavailable."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise BookUnavailable(f"{what}: {exc.orig}") from exc
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+class CustodyBook:
+    """The custody book on a database. Construct it with :meth:`open` (which migrates the schema
+    to head) or on an engine whose schema is already at head."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        assets: Iterable[Asset],
+        verify_release_ack: ReleaseAckVerifier = record_release_ack_unverified,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        self._engine = engine
+        self._assets: Mapping[str, Asset] = {asset.code: asset for asset in assets}
+        self._verify_release_ack = verify_release_ack
+        self._max_attempts = max_attempts
+        self._owns_engine = False
+        with _database_errors("reading the schema revision"), engine.connect() as connection:
+            current = migrations.current_revision(connection)
+        head = migrations.head_revision()
+        if current != head:
+            raise SchemaNotCurrent(
+                f"book schema is at revision {current!r}, this code needs {head!r}: "
+                "run custodian.migrations.upgrade"
+            )
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        assets: Iterable[Asset],
+        migrate: bool = True,
+        verify_release_ack: ReleaseAckVerifier = record_release_ack_unverified,
+    ) -> Self:
+        """Connect to ``url``, upgrade its schema to head unless ``migrate`` is false, and return
+        the book, which disposes of its engine on :meth:`close`."""
+        engine = create_book_engine(url)
+        try:
+            if migrate:
+                with _database_errors("migrating the book"):
+                    migrations.upgrade(engine)
+            book = cls(engine, assets=assets, verify_release_ack=verify_release_ack)
+        except BaseException:
+            engine.dispose()
+            raise
+        book._owns_engine = True
+        return book
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def close(self) -> None:
+        if self._owns_engine:
+            self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- commands -------------------------------------------------------------------------------
+
+    def apply(self, command: Command, *, now: datetime | None = None) -> RecordedEntry:
+        """Apply ``command`` in one transaction and return its journal entry. A retry (same
+        idempotency key, same content) returns the original entry and changes nothing; the same
+        key with other content raises IdempotencyConflict; a rejected command leaves no trace."""
+        moment = datetime.now(UTC) if now is None else now
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            raise ValueError("now must be timezone-aware")
+        moment = moment.astimezone(UTC)
+        digest = compute_command_digest(command)
+        last_error: DBAPIError | None = None
+        for attempt in range(self._max_attempts):
+            try:
+                return self._apply_once(command, digest=digest, moment=moment)
+            except IntegrityError as exc:
+                # A concurrent transaction committed the same idempotency key first: the next try
+                # finds it and returns the replay (or the conflict).
+                last_error = exc
+            except OperationalError as exc:
+                if not _is_lock_conflict(exc):
+                    raise BookUnavailable(f"applying {command.kind}: {exc.orig}") from exc
+                last_error = exc
+            time.sleep(0.005 * 2**attempt)
+        if isinstance(last_error, IntegrityError):
+            raise BookCorrupted(
+                f"{command.kind} {command.idempotency_key!r} keeps violating a constraint: "
+                f"{last_error.orig}"
+            ) from last_error
+        raise BookUnavailable(
+            f"{command.kind} {command.idempotency_key!r}: database busy after "
+            f"{self._max_attempts} attempts"
+        ) from last_error
+
+    def _apply_once(self, command: Command, *, digest: str, moment: datetime) -> RecordedEntry:
+        with Session(self._engine, expire_on_commit=False) as session:
+            rows = {account: _lock_balance(session, account) for account in _lock_order(command)}
+            recorded = session.exec(
+                select(JournalEntryRow).where(
+                    JournalEntryRow.idempotency_key == command.idempotency_key
+                )
+            ).first()
+            if recorded is not None:
+                verify_retry(command, recorded_digest=recorded.command_digest)
+                return _load_entries(session, [recorded])[0]  # closing rolls back
+            balances = {account: row.balance for account, row in rows.items()}
+            postings = compute_entry(
+                command,
+                balances,
+                assets=self._assets,
+                verify_release_ack=self._verify_release_ack,
+            )
+            entry_row = JournalEntryRow(
+                idempotency_key=command.idempotency_key,
+                command_digest=digest,
+                kind=command.kind,
+                client=command.client,
+                asset=command.asset,
+                command=compute_command_bytes(command).decode("utf-8"),
+                recorded_at=moment,
+            )
+            session.add(entry_row)
+            session.flush()
+            entry_id = entry_row.entry_id
+            if entry_id is None:
+                raise BookCorrupted("the database assigned no journal entry id")
+            session.add_all(
+                PostingRow(
+                    entry_id=entry_id,
+                    line=line,
+                    holder=posting.account.holder,
+                    asset=posting.account.asset,
+                    sub_account=posting.account.sub_account,
+                    amount=posting.amount,
+                )
+                for line, posting in enumerate(postings)
+            )
+            for account, balance in compute_balances_after(balances, postings).items():
+                rows[account].balance = balance
+                rows[account].last_entry_id = entry_id
+                session.add(rows[account])
+            session.commit()
+            return RecordedEntry(entry_id, moment, command, postings)
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def balances(
+        self, *, client: str | None = None, asset: str | None = None
+    ) -> dict[Account, int]:
+        """Non-zero client balances (per client, asset and sub-account), optionally of one
+        client and/or one asset, in account order."""
+        query = select(BalanceRow)
+        if client is not None:
+            query = query.where(BalanceRow.holder == client)
+        if asset is not None:
+            query = query.where(BalanceRow.asset == asset)
+        with _database_errors("reading balances"), Session(self._engine) as session:
+            rows = session.exec(query).all()
+        return select_balances(_as_balances(rows), client=client, asset=asset)
+
+    def pledged(self, exchange: str) -> dict[tuple[str, str], int]:
+        """Units pledged to ``exchange`` per (client, asset), non-zero only: what an attestation
+        epoch for that exchange commits to."""
+        query = select(BalanceRow).where(BalanceRow.sub_account == pledged_to(exchange))
+        with _database_errors("reading pledges"), Session(self._engine) as session:
+            rows = session.exec(query).all()
+        return select_pledged(_as_balances(rows), exchange=exchange)
+
+    def totals(self) -> dict[str, int]:
+        """Units held in custody per asset (deposits minus withdrawals over all clients)."""
+        query = select(BalanceRow).where(BalanceRow.sub_account == "external")
+        with _database_errors("reading totals"), Session(self._engine) as session:
+            rows = session.exec(query).all()
+        return select_totals(_as_balances(rows))
+
+    def journal(self, *, after: int = 0, limit: int = _PAGE) -> list[RecordedEntry]:
+        """Up to ``limit`` journal entries with ids above ``after``, in journal order."""
+        with _database_errors("reading the journal"), Session(self._engine) as session:
+            return _journal_page(session, after=after, limit=limit)
+
+    def entry(self, idempotency_key: str) -> RecordedEntry | None:
+        """The entry recorded under ``idempotency_key``, if any."""
+        query = select(JournalEntryRow).where(JournalEntryRow.idempotency_key == idempotency_key)
+        with _database_errors("reading the journal"), Session(self._engine) as session:
+            row = session.exec(query).first()
+            return None if row is None else _load_entries(session, [row])[0]
+
+    def check_invariants(self) -> list[str]:
+        """Recompute every balance from the postings and return every broken invariant (see
+        :func:`custodian.book.compute_invariant_breaks`); empty when the book is sound. Reads
+        the journal and the balances in one snapshot."""
+        with _database_errors("checking the book"), self._snapshot_session() as session:
+            balances = _as_balances(session.exec(select(BalanceRow)).all())
+            return compute_invariant_breaks(_all_entries(session), balances)
+
+    def verify_invariants(self) -> None:
+        """Raise BookCorrupted listing every break when :meth:`check_invariants` finds any."""
+        breaks = self.check_invariants()
+        if breaks:
+            raise BookCorrupted("; ".join(breaks))
+
+    @contextlib.contextmanager
+    def _snapshot_session(self) -> Iterator[Session]:
+        if self._engine.dialect.name == "postgresql":
+            with (
+                self._engine.connect().execution_options(
+                    isolation_level="REPEATABLE READ"
+                ) as connection,
+                Session(bind=connection) as session,
+            ):
+                yield session
+        else:  # SQLite: BEGIN IMMEDIATE holds the write lock for the whole read
+            with Session(self._engine) as session:
+                yield session
+
+
+# --- row helpers --------------------------------------------------------------------------------
+
+
+def _lock_order(command: Command) -> list[Account]:
+    return sorted(set(compute_accounts(command)))
+
+
+def _lock_balance(session: Session, account: Account) -> BalanceRow:
+    """Create the balance row if missing (without failing when a concurrent transaction creates
+    it first) and lock it until the end of the transaction."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = (
+        insert(BalanceRow)
+        .values(
+            holder=account.holder,
+            asset=account.asset,
+            sub_account=account.sub_account,
+            balance=0,
+            last_entry_id=0,
+        )
+        .on_conflict_do_nothing(index_elements=["holder", "asset", "sub_account"])
+    )
+    session.exec(statement)
+    row = session.get(
+        BalanceRow,
+        (account.holder, account.asset, account.sub_account),
+        with_for_update=True,
+        populate_existing=True,
+    )
+    if row is None:
+        raise BookCorrupted(f"balance row of {account} vanished inside its transaction")
+    return row
+
+
+def _as_balances(rows: Iterable[BalanceRow]) -> dict[Account, int]:
+    return {Account(row.holder, row.asset, row.sub_account): row.balance for row in rows}
+
+
+def _journal_page(session: Session, *, after: int, limit: int) -> list[RecordedEntry]:
+    rows = session.exec(
+        select(JournalEntryRow)
+        .where(JournalEntryRow.entry_id > after)  # type: ignore[operator]
+        .order_by(JournalEntryRow.entry_id)  # type: ignore[arg-type]
+        .limit(limit)
+    ).all()
+    return _load_entries(session, rows)
+
+
+def _all_entries(session: Session) -> Iterator[RecordedEntry]:
+    after = 0
+    while page := _journal_page(session, after=after, limit=_PAGE):
+        yield from page
+        after = page[-1].entry_id
+
+
+def _load_entries(session: Session, rows: Sequence[JournalEntryRow]) -> list[RecordedEntry]:
+    ids = [row.entry_id for row in rows]
+    postings: dict[int, list[Posting]] = {entry_id: [] for entry_id in ids if entry_id}
+    for posting in session.exec(
+        select(PostingRow)
+        .where(PostingRow.entry_id.in_(ids))  # type: ignore[attr-defined]
+        .order_by(PostingRow.entry_id, PostingRow.line)  # type: ignore[arg-type]
+    ):
+        account = Account(posting.holder, posting.asset, posting.sub_account)
+        postings[posting.entry_id].append(Posting(account, posting.amount))
+    entries = []
+    for row in rows:
+        if row.entry_id is None:
+            raise BookCorrupted("journal entry without id")
+        command = parse_command(parse_json_object(row.command))
+        entries.append(
+            RecordedEntry(row.entry_id, row.recorded_at, command, tuple(postings[row.entry_id]))
+        )
+    return entries
