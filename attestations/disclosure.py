@@ -21,7 +21,7 @@ import hmac
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from attestations.amounts import check_units, format_units, parse_units, validate_asset_code
 from attestations.canonical import parse_hex
@@ -143,10 +143,24 @@ def build_trees(
     return trees
 
 
+class TreeShape(Protocol):
+    """What a statement states of a tree: a SumTree, or a planned update of one."""
+
+    @property
+    def root(self) -> bytes: ...
+    @property
+    def total(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def depth(self) -> int: ...
+
+
 def compute_asset_roots(
-    trees: Mapping[str, SumTree], *, decimals: Mapping[str, int]
+    trees: Mapping[str, TreeShape], *, decimals: Mapping[str, int]
 ) -> tuple[AssetRoot, ...]:
-    """The statement's ``assets`` member for these trees, sorted by asset code."""
+    """The statement's ``assets`` member for these trees (or planned updates), sorted by asset
+    code."""
     roots = []
     for asset in sorted(trees):
         tree = trees[asset]
