@@ -17,18 +17,20 @@ Money: quantities are ``int`` minor units in ``[1, 2**128)`` on commands; a post
 amount. A float anywhere raises :class:`~attestations.errors.FloatRejected`.
 
 Sign convention: a posting adds its amount to its account. Client accounts (``available``,
-``pledged:<exchange>``, ``settlement``) never go below zero. Each asset has one custodian account,
-``@custodian/<asset>/external``, the counterpart of deposits and withdrawals: its balance is minus
-the units the custodian holds for clients, so the balances of one asset always sum to zero.
+``pledged:<exchange>``, ``settlement``, ``redeeming``) never go below zero. Each asset has one
+custodian account, ``@custodian/<asset>/external``, the counterpart of every unit entering custody
+(deposits, yield distributions) or leaving it (withdrawals, completed redemptions): its balance is
+minus the units the custodian holds for clients, so the balances of one asset always sum to zero.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, ClassVar, Final
 
 from attestations.amounts import UNITS_LIMIT, Asset, validate_asset_code
@@ -54,11 +56,16 @@ CUSTODIAN: Final = "@custodian"
 
 AVAILABLE: Final = "available"
 SETTLEMENT: Final = "settlement"
+REDEEMING: Final = "redeeming"
 EXTERNAL: Final = "external"
 PLEDGED_PREFIX: Final = "pledged:"
+YIELD_KEY_PREFIX: Final = "yield:"
+"""Prefix of the idempotency key of every :class:`AccrueYield` (see :func:`compute_yield_key`)."""
 
 _IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
 _ACK_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
+_DAY_RE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_MAX_KEY_LENGTH: Final = 128
 
 
 # --- identifiers --------------------------------------------------------------------------------
@@ -97,12 +104,33 @@ def pledged_to(exchange: str) -> str:
 
 
 def validate_sub_account(value: object) -> str:
-    """``available``, ``settlement``, ``external`` or ``pledged:<exchange>``."""
-    if value in (AVAILABLE, SETTLEMENT, EXTERNAL):
+    """``available``, ``settlement``, ``redeeming``, ``external`` or ``pledged:<exchange>``."""
+    if value in (AVAILABLE, SETTLEMENT, REDEEMING, EXTERNAL):
         return str(value)
     if isinstance(value, str) and value.startswith(PLEDGED_PREFIX):
         return pledged_to(value[len(PLEDGED_PREFIX) :])
     raise DecodeError(f"sub-account {str(value)[:80]!r} is not known")
+
+
+def validate_day(value: object) -> date:
+    """A calendar date (a ``datetime`` is refused: a day has no time of day)."""
+    if isinstance(value, datetime) or not isinstance(value, date):
+        raise DecodeError(f"day must be a date, got {type(value).__name__}")
+    return value
+
+
+def compute_yield_key(client: str, asset: str, day: date) -> str:
+    """The idempotency key of the yield distribution to ``client`` in ``asset`` for ``day``:
+    ``yield:<client>:<asset>:<YYYY-MM-DD>``. Keys are at most 128 characters, so when a long
+    client id makes that longer, the key is ``yield:sha256:<hex>`` over the long form instead
+    (no natural key ends in 64 hex digits, so the two forms never meet). One key per (client,
+    asset, day): the journal's unique key is what makes a second payment impossible."""
+    natural = f"{YIELD_KEY_PREFIX}{validate_client(client)}:{validate_asset_code(asset)}:"
+    natural += validate_day(day).isoformat()
+    if len(natural) <= _MAX_KEY_LENGTH:
+        return natural
+    digest = hashlib.sha256(natural.encode("ascii")).hexdigest()
+    return f"{YIELD_KEY_PREFIX}sha256:{digest}"
 
 
 def check_quantity(value: object, *, what: str = "quantity") -> int:
@@ -265,10 +293,106 @@ class MoveToSettlement:
         validate_party(self.exchange, what="exchange")
 
 
-Command = Deposit | Withdraw | Pledge | Unpledge | MoveToSettlement
+@dataclass(frozen=True, slots=True)
+class AccrueYield:
+    """One day's yield on a tokenized money-market fund holding, paid to the client in new units:
+    external -> available. The yield belongs to the client whatever sub-account the accruing
+    units sit in, and is paid to ``available`` even when they are pledged (it is not collateral
+    until the client pledges it). ``idempotency_key`` must be :func:`compute_yield_key` of
+    (client, asset, day), so the journal holds at most one payment per client, asset and day;
+    build it with :meth:`for_day`. The quantity is computed by :mod:`custodian.yields`."""
+
+    kind: ClassVar[str] = "accrue_yield"
+    idempotency_key: str
+    client: str
+    asset: str
+    quantity: int
+    day: date
+
+    def __post_init__(self) -> None:
+        _check_common(self.idempotency_key, self.client, self.asset, self.quantity)
+        expected = compute_yield_key(self.client, self.asset, self.day)
+        if self.idempotency_key != expected:
+            raise DecodeError(
+                f"the idempotency key of a yield distribution is {expected!r}, "
+                f"not {self.idempotency_key[:40]!r}"
+            )
+
+    @classmethod
+    def for_day(cls, *, client: str, asset: str, quantity: int, day: date) -> AccrueYield:
+        return cls(compute_yield_key(client, asset, day), client, asset, quantity, day)
+
+
+@dataclass(frozen=True, slots=True)
+class LockForRedemption:
+    """First step of a redemption of fund units: available -> redeeming. Locked units can no
+    longer be pledged or withdrawn; they leave through :class:`CompleteRedemption` or come back
+    through :class:`CancelRedemption`."""
+
+    kind: ClassVar[str] = "lock_for_redemption"
+    idempotency_key: str
+    client: str
+    asset: str
+    quantity: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.idempotency_key, self.client, self.asset, self.quantity)
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteRedemption:
+    """The fund redeemed locked units: redeeming -> external (they leave custody; the proceeds
+    arrive as a deposit of the settlement asset)."""
+
+    kind: ClassVar[str] = "complete_redemption"
+    idempotency_key: str
+    client: str
+    asset: str
+    quantity: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.idempotency_key, self.client, self.asset, self.quantity)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRedemption:
+    """A redemption that will not happen releases its units: redeeming -> available."""
+
+    kind: ClassVar[str] = "cancel_redemption"
+    idempotency_key: str
+    client: str
+    asset: str
+    quantity: int
+
+    def __post_init__(self) -> None:
+        _check_common(self.idempotency_key, self.client, self.asset, self.quantity)
+
+
+Command = (
+    Deposit
+    | Withdraw
+    | Pledge
+    | Unpledge
+    | MoveToSettlement
+    | AccrueYield
+    | LockForRedemption
+    | CompleteRedemption
+    | CancelRedemption
+)
 
 _COMMAND_TYPES: Final[dict[str, type[Command]]] = {
-    cls.kind: cls for cls in (Deposit, Withdraw, Pledge, Unpledge, MoveToSettlement)
+    cls.kind: cls
+    for cls in (
+        Deposit,
+        Withdraw,
+        Pledge,
+        Unpledge,
+        MoveToSettlement,
+        AccrueYield,
+        LockForRedemption,
+        CompleteRedemption,
+        CancelRedemption,
+    )
 }
 
 ReleaseAckVerifier = Callable[[Unpledge], None]
@@ -297,6 +421,8 @@ def compute_command_json(command: Command) -> dict[str, Any]:
         obj["exchange"] = command.exchange
     if isinstance(command, Unpledge):
         obj["release_ack"] = command.release_ack
+    if isinstance(command, AccrueYield):
+        obj["day"] = command.day.isoformat()
     return obj
 
 
@@ -322,6 +448,8 @@ def parse_command(obj: Mapping[str, Any]) -> Command:
         expected.add("exchange")
     if cls is Unpledge:
         expected.add("release_ack")
+    if cls is AccrueYield:
+        expected.add("day")
     if set(obj) != expected:
         raise DecodeError(f"{cls.kind} command members {sorted(obj)} are not {sorted(expected)}")
     quantity = obj["quantity"]
@@ -329,7 +457,18 @@ def parse_command(obj: Mapping[str, Any]) -> Command:
         raise AmountError(f"command quantity {str(quantity)[:45]!r} is not a decimal string")
     fields = {k: v for k, v in obj.items() if k not in ("version", "kind")}
     fields["quantity"] = int(quantity)
+    if cls is AccrueYield:
+        fields["day"] = _parse_day(obj["day"])
     return cls(**fields)
+
+
+def _parse_day(text: object) -> date:
+    if not isinstance(text, str) or not _DAY_RE.fullmatch(text):
+        raise DecodeError(f"day {str(text)[:20]!r} is not YYYY-MM-DD")
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise DecodeError(f"day {text!r} is not a valid date: {exc}") from exc
 
 
 # --- the posting rules --------------------------------------------------------------------------
@@ -346,6 +485,16 @@ _ROUTES: Final[dict[str, tuple[str, str]]] = {
     Pledge.kind: (AVAILABLE, "pledged"),
     Unpledge.kind: ("pledged", AVAILABLE),
     MoveToSettlement.kind: ("pledged", SETTLEMENT),
+    # Yield is new units the fund distributed into custody, so it comes from the external
+    # account like a deposit, and it goes to available even when the accruing units are pledged:
+    # it belongs to the client, and only the client decides to pledge it.
+    AccrueYield.kind: (EXTERNAL, AVAILABLE),
+    # A redemption locks units first. Like pledged units, redeeming units have exactly two ways
+    # out - to the fund (complete) or back to available (cancel) - so units being redeemed can
+    # be neither pledged nor withdrawn, and a pledged unit must be unpledged before redemption.
+    LockForRedemption.kind: (AVAILABLE, REDEEMING),
+    CompleteRedemption.kind: (REDEEMING, EXTERNAL),
+    CancelRedemption.kind: (REDEEMING, AVAILABLE),
 }
 
 
@@ -381,7 +530,7 @@ def compute_entry(
     """Accept ``command`` against the current ``balances`` (an account missing from the mapping
     holds zero) and return its postings, or raise: unknown asset, a client account that would go
     negative (pledge or withdrawal beyond available, unpledge or settlement beyond pledged), or
-    custody of one asset reaching 2**128."""
+    custody of one asset reaching 2**128 (a deposit or a yield distribution)."""
     if command.asset not in assets:
         raise UnknownAsset(f"asset {command.asset!r} is not configured in the book")
     if isinstance(command, Unpledge):
@@ -454,7 +603,10 @@ def compute_invariant_breaks(
     exactly its command's posting rule and sum to zero per asset; entry ids increase and
     idempotency keys are unique; no client account is ever negative and no external account ever
     positive; the recomputed balances equal ``balances``; per client and asset, the sub-accounts
-    add up to deposits minus withdrawals; per asset, all balances sum to zero."""
+    (available + pledged:* + settlement + redeeming) add up to "deposits minus withdrawals",
+    where yield distributions count as deposits and completed redemptions as withdrawals (every
+    unit that entered custody for the client minus every unit that left); per asset, all
+    balances sum to zero."""
     breaks: list[str] = []
     replayed: dict[Account, int] = defaultdict(int)
     net_deposits: dict[tuple[str, str], int] = defaultdict(int)
@@ -470,9 +622,9 @@ def compute_invariant_breaks(
             breaks.append(f"{where}: idempotency key recorded twice")
         keys.add(command.idempotency_key)
         breaks.extend(_entry_breaks(entry, where=where, replayed=replayed))
-        if isinstance(command, Deposit):
+        if isinstance(command, Deposit | AccrueYield):
             net_deposits[(command.client, command.asset)] += command.quantity
-        elif isinstance(command, Withdraw):
+        elif isinstance(command, Withdraw | CompleteRedemption):
             net_deposits[(command.client, command.asset)] -= command.quantity
     breaks.extend(
         f"{_name(account)}: stored balance {balances.get(account, 0)}, journal gives "
@@ -574,7 +726,7 @@ class MemoryBook:
         return select_pledged(self._balances, exchange=exchange)
 
     def totals(self) -> dict[str, int]:
-        """Units held in custody per asset (deposits minus withdrawals over all clients)."""
+        """Units held in custody per asset (units in minus units out over all clients)."""
         return select_totals(self._balances)
 
     def journal(self, *, after: int = 0, limit: int = 1000) -> list[RecordedEntry]:

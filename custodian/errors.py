@@ -6,8 +6,16 @@
 * A book whose journal and balances disagree is our fault: :class:`BookCorrupted` pages a human.
 * A database that is briefly busy or unreachable is :class:`BookUnavailable`: retriable.
 * A database whose schema is not at the migration head is :class:`SchemaNotCurrent`.
+* Prices (:mod:`custodian.prices`): a price source whose content does not decode is
+  :class:`InvalidPriceFeed` (the feed's fault); one that cannot be read right now is
+  :class:`PriceSourceUnavailable`; a price too old or absent when one is required is
+  :class:`StalePrice` / :class:`MissingPrice` - retriable, because the next fetch may bring a fresh
+  one, and never a reason to act on the old one.
+* Yield (:mod:`custodian.yields`): a rate that is not an exact non-negative fraction is
+  :class:`InvalidRate`.
 
-This module holds no logic; the rules that raise these live in :mod:`custodian.book`.
+This module holds no logic; the rules that raise these live in :mod:`custodian.book`,
+:mod:`custodian.prices` and :mod:`custodian.yields`.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from attestations.errors import (
     AmountError,
     ConfigurationError,
     CounterpartyError,
+    DecodeError,
     InvariantViolation,
     TransientError,
 )
@@ -55,6 +64,24 @@ class IdempotencyConflict(CounterpartyError):
     reason = "idempotency_conflict"
 
 
+class InvalidRate(AmountError):
+    """A yield rate that is not an exact fraction between 0 and 1 a day (a float, a negative
+    rate, a zero denominator, an absurd annual rate)."""
+
+    reason = "invalid_rate"
+
+
+# --- a price source sent data that does not decode ----------------------------------------------
+
+
+class InvalidPriceFeed(DecodeError):
+    """The content of a price source is malformed: not strict JSON, a float price, a member
+    missing or unknown, a bad asset code or timestamp. The message names the source (the file
+    path) and the offending entry. The same content fails the same way: fix the feed."""
+
+    reason = "invalid_price_feed"
+
+
 # --- our own invariant broke --------------------------------------------------------------------
 
 
@@ -65,6 +92,32 @@ class BookCorrupted(InvariantViolation):
 
 
 # --- retriable ----------------------------------------------------------------------------------
+
+
+class PriceSourceUnavailable(TransientError):
+    """A price source could not be read (file missing or unreadable, feed not answering)."""
+
+    reason = "price_source_unavailable"
+
+
+class PriceUnavailable(TransientError):
+    """No usable price for an asset where one is required. A later snapshot may have one; until
+    then nothing may be decided on this asset's price (no liquidation, no valuation)."""
+
+    reason = "price_unavailable"
+
+
+class StalePrice(PriceUnavailable):
+    """The latest price of the asset was observed more than the allowed age before now. A stale
+    price never drives a liquidation."""
+
+    reason = "stale_price"
+
+
+class MissingPrice(PriceUnavailable):
+    """The snapshot has no price at all for the asset in the required quote."""
+
+    reason = "missing_price"
 
 
 class BookUnavailable(TransientError):

@@ -467,7 +467,8 @@ class CustodyBook:
         return select_pledged(_as_balances(rows), exchange=exchange)
 
     def totals(self) -> dict[str, int]:
-        """Units held in custody per asset (deposits minus withdrawals over all clients)."""
+        """Units held in custody per asset: every unit that entered (deposits, yield) minus every
+        unit that left (withdrawals, completed redemptions), over all clients."""
         query = select(BalanceRow).where(BalanceRow.sub_account == "external")
         with _database_errors("reading totals"), Session(self._engine) as session:
             rows = session.exec(query).all()

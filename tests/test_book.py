@@ -4,7 +4,7 @@ Hypothesis state machine over the in-memory book."""
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -21,10 +21,15 @@ from attestations.errors import AmountError, CounterpartyError, DecodeError, Flo
 from custodian.book import (
     AVAILABLE,
     CUSTODIAN,
+    REDEEMING,
     SETTLEMENT,
     Account,
+    AccrueYield,
+    CancelRedemption,
     Command,
+    CompleteRedemption,
     Deposit,
+    LockForRedemption,
     MemoryBook,
     MoveToSettlement,
     Pledge,
@@ -287,6 +292,77 @@ def test_the_release_ack_hook_can_refuse_an_unpledge() -> None:
     assert book.pledged("binance") == {("alice", "BTC"): 5}
 
 
+YIELD_AND_REDEMPTION_TABLE = [
+    (
+        AccrueYield.for_day(client="alice", asset="BENJI", quantity=7, day=date(2025, 11, 25)),
+        external("BENJI"),
+        available("alice", "BENJI"),
+    ),
+    (
+        LockForRedemption("k", "alice", "BENJI", 7),
+        available("alice", "BENJI"),
+        Account("alice", "BENJI", REDEEMING),
+    ),
+    (
+        CompleteRedemption("k", "alice", "BENJI", 7),
+        Account("alice", "BENJI", REDEEMING),
+        external("BENJI"),
+    ),
+    (
+        CancelRedemption("k", "alice", "BENJI", 7),
+        Account("alice", "BENJI", REDEEMING),
+        available("alice", "BENJI"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("command", "source", "destination"), YIELD_AND_REDEMPTION_TABLE)
+def test_yield_and_redemption_posting_rules(
+    command: Command, source: Account, destination: Account
+) -> None:
+    assert compute_accounts(command) == (source, destination)
+    postings = compute_entry(command, {source: 0 if source.is_external else 7}, assets=ASSETS)
+    assert postings == (Posting(source, -7), Posting(destination, 7))
+    if not source.is_external:
+        with pytest.raises(InsufficientBalance):
+            compute_entry(command, {source: 6}, assets=ASSETS)
+    assert parse_command(compute_command_json(command)) == command
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LockForRedemption("k", "alice", "benji", 1),
+        lambda: CompleteRedemption("", "alice", "BENJI", 1),
+        lambda: CancelRedemption("k", CUSTODIAN, "BENJI", 1),
+        lambda: AccrueYield("k", "alice", "BENJI", 1, date(2025, 11, 25)),
+        lambda: AccrueYield.for_day(client="alice", asset="BENJI", quantity=1, day="2025-11-25"),  # type: ignore[arg-type]
+    ],
+)
+def test_malformed_yield_and_redemption_commands_are_refused(make: object) -> None:
+    with pytest.raises(DecodeError):
+        make()  # type: ignore[operator]
+
+
+def test_redemption_quantities_are_positive() -> None:
+    for command in (LockForRedemption, CompleteRedemption, CancelRedemption):
+        with pytest.raises(InvalidQuantity):
+            command("k", "alice", "BENJI", 0)
+
+
+def test_redeeming_units_are_counted_in_the_holdings() -> None:
+    book = MemoryBook(ASSETS)
+    book.apply(Deposit("d", "alice", "BENJI", 10), now=NOW)
+    book.apply(LockForRedemption("r", "alice", "BENJI", 4), now=NOW)
+    book.apply(CompleteRedemption("c", "alice", "BENJI", 1), now=NOW)
+    assert book.check_invariants() == []
+    # A journal that drops the completed redemption no longer adds up to the holdings.
+    entries = book.journal()
+    balances = {**book.balances(), external("BENJI"): -9}
+    breaks = compute_invariant_breaks(entries[:2], balances)
+    assert any("sub-accounts hold 9, deposits minus withdrawals 10" in line for line in breaks)
+
+
 # --- idempotency ----------------------------------------------------------------------------------
 
 
@@ -370,6 +446,7 @@ def test_a_sound_book_has_no_breaks() -> None:
 CLIENTS = ("alice", "bob")
 EXCHANGES = ("binance", "okx")
 QUANTITIES = st.one_of(st.integers(1, 1000), st.sampled_from([MAX // 4, MAX // 2]))
+DAYS = (date(2025, 11, 25), date(2025, 11, 26))
 
 
 def command_strategy() -> st.SearchStrategy[Command]:
@@ -378,24 +455,32 @@ def command_strategy() -> st.SearchStrategy[Command]:
     asset = st.sampled_from(["BTC", "ETH", "DOGE"])  # DOGE is not configured
     exchange = st.sampled_from(EXCHANGES)
     ack = st.sampled_from(["ack-1", "ack-2"])
+    day = st.sampled_from(DAYS)
     return st.one_of(
         st.builds(Deposit, key, client, asset, QUANTITIES),
         st.builds(Withdraw, key, client, asset, QUANTITIES),
         st.builds(Pledge, key, client, asset, exchange, QUANTITIES),
         st.builds(Unpledge, key, client, asset, exchange, QUANTITIES, ack),
         st.builds(MoveToSettlement, key, client, asset, exchange, QUANTITIES),
+        st.builds(AccrueYield.for_day, client=client, asset=asset, quantity=QUANTITIES, day=day),
+        st.builds(LockForRedemption, key, client, asset, QUANTITIES),
+        st.builds(CompleteRedemption, key, client, asset, QUANTITIES),
+        st.builds(CancelRedemption, key, client, asset, QUANTITIES),
     )
 
 
 class BookMachine(RuleBasedStateMachine):
     """Random commands, retries and key reuse against the in-memory book, checked against an
-    independent count of deposits and withdrawals."""
+    independent count of the units in and out of custody (deposits and yield in, withdrawals and
+    completed redemptions out), of the units being redeemed, and of the yield paid."""
 
     def __init__(self) -> None:
         super().__init__()
         self.book = MemoryBook(ASSETS)
         self.net_deposits: dict[tuple[str, str], int] = {}
         self.applied: dict[str, RecordedEntry] = {}
+        self.redeeming: dict[tuple[str, str], int] = {}
+        self.yield_days: set[tuple[str, str, date]] = set()
 
     @rule(command=command_strategy())
     def apply(self, command: Command) -> None:
@@ -410,9 +495,18 @@ class BookMachine(RuleBasedStateMachine):
             assert self.book.balances() == before
             return
         self.applied[command.idempotency_key] = entry
-        sign = {"deposit": 1, "withdraw": -1}.get(command.kind, 0)
+        signs = {"deposit": 1, "accrue_yield": 1, "withdraw": -1, "complete_redemption": -1}
+        sign = signs.get(command.kind, 0)
         position = (command.client, command.asset)
         self.net_deposits[position] = self.net_deposits.get(position, 0) + sign * command.quantity
+        lock = {"lock_for_redemption": 1, "complete_redemption": -1, "cancel_redemption": -1}
+        locked = self.redeeming.get(position, 0) + lock.get(command.kind, 0) * command.quantity
+        self.redeeming[position] = locked
+        if isinstance(command, AccrueYield):
+            paid = (command.client, command.asset, command.day)
+            assert paid not in self.yield_days  # one payment per client, asset and day
+            self.yield_days.add(paid)
+            assert entry.postings[1].account.sub_account == AVAILABLE
 
     @rule(data=st.data())
     def retry(self, data: st.DataObject) -> None:
@@ -444,6 +538,15 @@ class BookMachine(RuleBasedStateMachine):
             holdings[position] = holdings.get(position, 0) + balance
         expected = {position: net for position, net in self.net_deposits.items() if net}
         assert holdings == expected
+
+    @invariant()
+    def redeeming_units_are_what_was_locked_and_not_yet_released(self) -> None:
+        redeeming = {
+            (account.holder, account.asset): balance
+            for account, balance in self.book.balances().items()
+            if account.sub_account == REDEEMING
+        }
+        assert redeeming == {position: units for position, units in self.redeeming.items() if units}
 
     @invariant()
     def recomputed_book_is_sound(self) -> None:

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -23,10 +23,15 @@ from attestations.errors import FloatRejected
 from custodian import migrations
 from custodian.book import (
     AVAILABLE,
+    REDEEMING,
     SETTLEMENT,
     Account,
+    AccrueYield,
+    CancelRedemption,
     Command,
+    CompleteRedemption,
     Deposit,
+    LockForRedemption,
     MemoryBook,
     MoveToSettlement,
     Pledge,
@@ -465,6 +470,99 @@ def test_sqlite_and_postgresql_give_identical_books(
 )
 @given(commands=st.lists(COMMANDS, min_size=1, max_size=80))
 def test_sqlite_and_postgresql_give_identical_books_long(
+    make_sqlite_url: Callable[[], str],
+    make_postgres_url: Callable[[], str],
+    commands: list[Command],
+) -> None:
+    check_same_book(commands, [make_sqlite_url, make_postgres_url])
+
+
+# --- yield and redemption -------------------------------------------------------------------------
+
+DAY = date(2025, 11, 25)
+
+
+def test_yield_and_redemption_commands(book: CustodyBook) -> None:
+    book.apply(Deposit("d1", "alice", "BENJI", 1_000), now=NOW)
+    book.apply(Pledge("p1", "alice", "BENJI", "binance", 600), now=NOW)
+    paid = book.apply(
+        AccrueYield.for_day(client="alice", asset="BENJI", quantity=7, day=DAY), now=NOW
+    )
+    book.apply(LockForRedemption("r1", "alice", "BENJI", 300), now=NOW)
+    for command in (
+        Pledge("p2", "alice", "BENJI", "okx", 108),  # 1 000 - 600 + 7 - 300 = 107 available
+        Withdraw("w1", "alice", "BENJI", 108),
+        CompleteRedemption("c0", "alice", "BENJI", 301),
+    ):
+        with pytest.raises(InsufficientBalance):
+            book.apply(command, now=NOW)
+        assert book.entry(command.idempotency_key) is None
+    book.apply(CompleteRedemption("c1", "alice", "BENJI", 200), now=NOW)
+    book.apply(CancelRedemption("x1", "alice", "BENJI", 50), now=NOW)
+    assert book.balances(client="alice") == {
+        available("alice", "BENJI"): 157,
+        pledged("alice", "BENJI", "binance"): 600,
+        Account("alice", "BENJI", REDEEMING): 50,
+    }
+    assert book.pledged("binance") == {("alice", "BENJI"): 600}
+    assert book.totals() == {"BENJI": 807}
+    assert book.entry("yield:alice:BENJI:2025-11-25") == paid
+    assert isinstance(paid.command, AccrueYield)
+    assert paid.command.day == DAY
+    assert [entry.command.kind for entry in book.journal()] == [
+        "deposit",
+        "pledge",
+        "accrue_yield",
+        "lock_for_redemption",
+        "complete_redemption",
+        "cancel_redemption",
+    ]
+    book.verify_invariants()
+
+
+def test_a_day_of_yield_is_paid_once_across_restarts(database_url: str) -> None:
+    command = AccrueYield.for_day(client="alice", asset="BENJI", quantity=5, day=DAY)
+    with CustodyBook.open(database_url, assets=ASSETS) as book:
+        book.apply(Deposit("d", "alice", "BENJI", 100), now=NOW)
+        first = book.apply(command, now=NOW)
+    with CustodyBook.open(database_url, assets=ASSETS) as reopened:
+        assert reopened.apply(command, now=NOW + timedelta(hours=1)) == first
+        with pytest.raises(IdempotencyConflict):
+            reopened.apply(
+                AccrueYield.for_day(client="alice", asset="BENJI", quantity=6, day=DAY), now=NOW
+            )
+        assert reopened.balances() == {available("alice", "BENJI"): 105}
+        assert count_rows(reopened, "book_journal_entries") == 2
+
+
+def test_concurrent_yield_runs_pay_a_day_once(book: CustodyBook) -> None:
+    book.apply(Deposit("d", "alice", "BENJI", 100), now=NOW)
+    command = AccrueYield.for_day(client="alice", asset="BENJI", quantity=5, day=DAY)
+    results = run_concurrently(book, [command] * 4)
+    assert all(result == results[0] for result in results), results
+    assert book.balances() == {available("alice", "BENJI"): 105}
+
+
+DAYS = st.sampled_from([DAY, DAY + timedelta(days=1)])
+COMMANDS_WITH_YIELD = st.one_of(
+    COMMANDS,
+    st.builds(
+        AccrueYield.for_day, client=CLIENTS, asset=ASSET_CODES, quantity=QUANTITIES, day=DAYS
+    ),
+    st.builds(LockForRedemption, KEYS, CLIENTS, ASSET_CODES, QUANTITIES),
+    st.builds(CompleteRedemption, KEYS, CLIENTS, ASSET_CODES, QUANTITIES),
+    st.builds(CancelRedemption, KEYS, CLIENTS, ASSET_CODES, QUANTITIES),
+)
+
+
+@pytest.mark.postgres
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(commands=st.lists(COMMANDS_WITH_YIELD, min_size=1, max_size=25))
+def test_sqlite_and_postgresql_agree_with_yield_and_redemptions(
     make_sqlite_url: Callable[[], str],
     make_postgres_url: Callable[[], str],
     commands: list[Command],
