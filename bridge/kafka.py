@@ -334,7 +334,9 @@ def kafka_errors(action: str) -> Iterator[None]:
     Connection failures, timeouts and errors aiokafka marks retriable become
     :class:`BrokerUnavailable`; authentication and authorization failures
     :class:`BrokerAccessDenied`; an oversized message :class:`MessageTooLarge`; any other broker
-    error :class:`BrokerRejected`. The aiokafka exception stays attached as ``__cause__``.
+    error :class:`BrokerRejected` (a bare ``KafkaError``, which aiokafka raises when no broker
+    answers a metadata request, is unavailability too). The aiokafka exception stays attached as
+    ``__cause__``.
     """
     try:
         yield
@@ -345,7 +347,9 @@ def kafka_errors(action: str) -> Iterator[None]:
     except (KafkaConnectionError, KafkaTimeoutError, TimeoutError) as exc:
         raise BrokerUnavailable(f"{action}: {exc or type(exc).__name__}") from exc
     except KafkaError as exc:
-        if exc.retriable:
+        # aiokafka raises a bare KafkaError (no subclass, not marked retriable) when it cannot
+        # get cluster metadata from any broker: what a restarting broker looks like.
+        if exc.retriable or type(exc) is KafkaError:
             raise BrokerUnavailable(f"{action}: {exc}") from exc
         raise BrokerRejected(f"{action}: {exc}") from exc
 

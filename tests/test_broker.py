@@ -529,3 +529,16 @@ async def test_consumer_factory_rejects_a_bare_topic_string() -> None:
     settings = KafkaSettings(bootstrap_servers="127.0.0.1:1")
     with pytest.raises(TypeError, match="sequence of topic names"):
         create_consumer(settings, group_id=None, topics="attestations")
+
+
+def test_a_broker_that_answers_no_metadata_is_unavailable_not_a_rejection() -> None:
+    from aiokafka.errors import KafkaError, UnsupportedVersionError
+
+    from bridge.errors import BrokerRejected, BrokerUnavailable
+    from bridge.kafka import kafka_errors
+
+    # aiokafka raises a bare KafkaError when no broker answers a metadata request (a restart).
+    with pytest.raises(BrokerUnavailable), kafka_errors("connect"):
+        raise KafkaError("Unable to get cluster metadata")
+    with pytest.raises(BrokerRejected), kafka_errors("connect"):
+        raise UnsupportedVersionError("no")
