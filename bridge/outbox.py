@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -44,7 +44,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
-    DateTime,
     Engine,
     Index,
     Integer,
@@ -54,23 +53,19 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
-    create_engine,
     delete,
-    event,
     func,
     insert,
     select,
     text,
     update,
 )
-from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
-from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from attestations.errors import ConfigurationError, InvariantViolation, TransientError
 from attestations.statement import SignedStatement, StatementKind
-from bridge import migrations
+from bridge import database, migrations
+from bridge.database import DEFAULT_MAX_ATTEMPTS
 from bridge.envelope import OutboundMessage
 from bridge.errors import BrokerUnavailable
 from bridge.kafka import (
@@ -85,7 +80,6 @@ from bridge.topics import DEFAULT_CATALOGUE, MessageType, TopicCatalogue
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_DIALECTS: Final = frozenset({"sqlite", "postgresql"})
 DEFAULT_POLL_INTERVAL_S: Final = 0.5
 DEFAULT_BATCH_ROWS: Final = 100
 DEFAULT_BATCH_BYTES: Final = 8 * 2**20
@@ -94,10 +88,6 @@ DEFAULT_BACKOFF_INITIAL_S: Final = 0.05
 DEFAULT_BACKOFF_MAX_S: Final = 5.0
 DEFAULT_LOSS_CHECK_INTERVAL_S: Final = 10.0
 DEFAULT_PURGE_INTERVAL_S: Final = 3600.0
-DEFAULT_MAX_ATTEMPTS: Final = 5
-_RETRY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03"})
-# serialization_failure, deadlock_detected, lock_not_available: the transaction was rolled back
-# and the same work may succeed on a second try.
 
 T = TypeVar("T")
 
@@ -122,31 +112,16 @@ class BridgeSchemaNotCurrent(ConfigurationError):
 # --- tables -------------------------------------------------------------------------------------
 
 
-class UtcDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC timestamps on both databases (SQLite keeps no zone: stored converted to
-    UTC, read back as UTC)."""
+row_id_type: Final = database.row_id_type  # the consumer's tables import it from here
 
-    impl = DateTime(timezone=True)
+
+class UtcDateTime(database.UtcDateTime):
+    """Timezone-aware UTC timestamps of the bridge's tables; a naive one is an
+    :class:`~attestations.errors.InvariantViolation`."""
+
     cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise InvariantViolation("timestamps stored by the bridge must be timezone-aware")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
-
-
-def row_id_type() -> TypeEngine[int]:
-    # BIGINT on PostgreSQL; INTEGER on SQLite, where only "INTEGER PRIMARY KEY" is the rowid.
-    return BigInteger().with_variant(Integer(), "sqlite")
+    naive_error = InvariantViolation
+    stored_by = "the bridge"
 
 
 metadata: Final = MetaData()
@@ -187,55 +162,30 @@ outbox_table: Final = Table(
 # --- engine and transactions --------------------------------------------------------------------
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it to the first
-    # write, after the reads the write depends on).
-    dbapi_connection.isolation_level = None
-
-
-def _sqlite_on_begin(connection: Connection) -> None:
-    # Take the write lock up front: SQLite has no SELECT ... FOR UPDATE.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 def create_bridge_engine(url: str) -> Engine:
     """An engine for the bridge tables: ``sqlite:///path`` or ``postgresql+psycopg://...``. A
     service that already has an engine on the same database passes that one instead."""
-    engine = create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name not in SUPPORTED_DIALECTS:
-        engine.dispose()
-        raise ConfigurationError(f"the bridge runs on SQLite or PostgreSQL, not {url!r}")
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
-    return engine
+    return database.create_database_engine(
+        url, owner="the bridge", unsupported=ConfigurationError, sqlite_foreign_keys=False
+    )
 
 
 def check_schema(engine: Engine) -> None:
     """Raise :class:`BridgeSchemaNotCurrent` unless the bridge tables are at head."""
-    with database_errors("reading the bridge schema revision"), engine.connect() as connection:
-        current = migrations.current_revision(connection)
-    head = migrations.head_revision()
-    if current != head:
-        raise BridgeSchemaNotCurrent(
-            f"bridge schema is at revision {current!r}, this code needs {head!r}: "
-            "run bridge.migrations.upgrade"
-        )
+    database.verify_schema_current(
+        engine,
+        current_revision=migrations.current_revision,
+        head_revision=migrations.head_revision(),
+        schema="bridge schema",
+        upgrade_with="bridge.migrations.upgrade",
+        unavailable=BridgeDatabaseUnavailable,
+        not_current=BridgeSchemaNotCurrent,
+    )
 
 
-def _is_lock_conflict(exc: DBAPIError) -> bool:
-    if getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES:
-        return True
-    return isinstance(exc, OperationalError) and "locked" in str(exc.orig)
-
-
-@contextlib.contextmanager
-def database_errors(what: str) -> Iterator[None]:
+def database_errors(what: str) -> contextlib.AbstractContextManager[None]:
     """Wrap driver errors that mean "not now" as :class:`BridgeDatabaseUnavailable`."""
-    try:
-        yield
-    except OperationalError as exc:
-        raise BridgeDatabaseUnavailable(f"{what}: {exc.orig}") from exc
+    return database.database_errors(what, unavailable=BridgeDatabaseUnavailable)
 
 
 def run_transaction(
@@ -247,28 +197,20 @@ def run_transaction(
 ) -> T:
     """Run ``work`` in one transaction and commit; retry lock conflicts a few times, then raise
     :class:`BridgeDatabaseUnavailable`. A unique-key conflict is retried too (a concurrent
-    transaction inserted the same progress row first: the next try sees it). Any other exception
-    rolls back and propagates."""
-    last: DBAPIError | None = None
-    for attempt in range(max_attempts):
-        try:
-            with Session(engine, expire_on_commit=False) as session, session.begin():
-                return work(session)
-        except IntegrityError as exc:
-            last = exc
-        except OperationalError as exc:
-            if not _is_lock_conflict(exc):
-                raise BridgeDatabaseUnavailable(f"{what}: {exc.orig}") from exc
-            last = exc
-        except DBAPIError as exc:
-            if not _is_lock_conflict(exc):
-                raise
-            last = exc
-        time.sleep(0.005 * 2**attempt)
-    if isinstance(last, IntegrityError):
-        raise InvariantViolation(f"{what}: keeps violating a constraint: {last.orig}") from last
-    raise BridgeDatabaseUnavailable(f"{what}: database busy after {max_attempts} attempts") from (
-        last
+    transaction inserted the same progress row first: the next try sees it), and raises
+    :class:`~attestations.errors.InvariantViolation` when it persists. Any other exception rolls
+    back and propagates."""
+
+    def attempt() -> T:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            return work(session)
+
+    return database.run_with_retries(
+        attempt,
+        what=what,
+        max_attempts=max_attempts,
+        unavailable=BridgeDatabaseUnavailable,
+        corrupted=InvariantViolation,
     )
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -33,23 +32,18 @@ from typing import Any, Final, Self
 from sqlalchemy import (
     BigInteger,
     Column,
-    DateTime,
     Engine,
     ForeignKeyConstraint,
     Index,
-    Integer,
     MetaData,
     Numeric,
     SmallInteger,
     String,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import registry
 from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlmodel import Field, Session, SQLModel, select
@@ -57,6 +51,8 @@ from sqlmodel import Field, Session, SQLModel, select
 from attestations.amounts import UNITS_LIMIT, Asset
 from attestations.canonical import parse_json_object
 from attestations.errors import AmountError, FloatRejected
+from bridge import database
+from bridge.database import DEFAULT_MAX_ATTEMPTS, row_id_type
 from custodian import migrations
 from custodian.book import (
     Account,
@@ -85,12 +81,6 @@ from custodian.errors import (
     UnsupportedDatabase,
 )
 
-SUPPORTED_DIALECTS: Final = frozenset({"sqlite", "postgresql"})
-DEFAULT_MAX_ATTEMPTS: Final = 5
-"""Tries of one command when the database aborts it for a lock conflict."""
-_RETRY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03"})
-# serialization_failure, deadlock_detected, lock_not_available: the transaction was rolled back
-# and the same command may succeed on a second try.
 _UNITS_TEXT_RE: Final = re.compile(r"0|-?[1-9][0-9]{0,38}")
 _PAGE: Final = 1000
 
@@ -139,31 +129,12 @@ class Units(TypeDecorator[int]):
         return int
 
 
-class UtcDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC timestamps on both databases (SQLite keeps no zone, so it is stored
-    converted to UTC and read back as UTC)."""
+class UtcDateTime(database.UtcDateTime):
+    """Timezone-aware UTC timestamps of the book's tables; a naive one is a ``ValueError``."""
 
-    impl = DateTime(timezone=True)
     cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError("timestamps stored by the book must be timezone-aware")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
-
-
-def _entry_id_type() -> TypeEngine[int]:
-    # BIGINT on PostgreSQL; INTEGER on SQLite, where only "INTEGER PRIMARY KEY" is the rowid.
-    return BigInteger().with_variant(Integer(), "sqlite")
+    naive_error = ValueError
+    stored_by = "the book"
 
 
 # --- tables -------------------------------------------------------------------------------------
@@ -202,7 +173,7 @@ class JournalEntryRow(_BookTable, table=True):
 
     entry_id: int | None = Field(
         default=None,
-        sa_column=Column(_entry_id_type(), primary_key=True, autoincrement=True),
+        sa_column=Column(row_id_type(), primary_key=True, autoincrement=True),
     )
     idempotency_key: str = Field(max_length=128)
     command_digest: str = Field(max_length=64)
@@ -231,7 +202,7 @@ class PostingRow(_BookTable, table=True):
         Index("ix_book_postings_account", "holder", "asset", "sub_account"),
     )
 
-    entry_id: int = Field(sa_column=Column(_entry_id_type(), primary_key=True, autoincrement=False))
+    entry_id: int = Field(sa_column=Column(row_id_type(), primary_key=True, autoincrement=False))
     line: int = Field(
         sa_type=SmallInteger, primary_key=True, sa_column_kwargs={"autoincrement": False}
     )
@@ -247,49 +218,18 @@ metadata: Final = book_registry.metadata
 # --- engine -------------------------------------------------------------------------------------
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it to the first
-    # write, after the reads the write depends on), and enforce foreign keys.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA foreign_keys = ON")
-    finally:
-        cursor.close()
-
-
-def _sqlite_on_begin(connection: Connection) -> None:
-    # Take the write lock before the first read: the balances a command reads cannot change
-    # before it writes (SQLite has no SELECT ... FOR UPDATE).
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 def create_book_engine(url: str) -> Engine:
-    """An engine for the book: a ``sqlite:///path`` or ``postgresql+psycopg://`` URL."""
-    engine = create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name not in SUPPORTED_DIALECTS:
-        engine.dispose()
-        raise UnsupportedDatabase(f"the custody book runs on SQLite or PostgreSQL, not {url!r}")
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
-    return engine
+    """An engine for the book: a ``sqlite:///path`` or ``postgresql+psycopg://`` URL. On SQLite
+    foreign keys are enforced and every transaction takes the write lock at ``BEGIN``, before the
+    balances a command reads."""
+    return database.create_database_engine(
+        url, owner="the custody book", unsupported=UnsupportedDatabase, sqlite_foreign_keys=True
+    )
 
 
-def _is_lock_conflict(exc: DBAPIError) -> bool:
-    """The database rolled the transaction back because of a concurrent one."""
-    if getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES:
-        return True
-    return isinstance(exc, OperationalError) and "locked" in str(exc.orig)
-
-
-@contextlib.contextmanager
-def _database_errors(what: str) -> Iterator[None]:
+def _database_errors(what: str) -> contextlib.AbstractContextManager[None]:
     """Wrap driver errors that mean "not now" as BookUnavailable."""
-    try:
-        yield
-    except OperationalError as exc:
-        raise BookUnavailable(f"{what}: {exc.orig}") from exc
+    return database.database_errors(what, unavailable=BookUnavailable)
 
 
 # --- the store ----------------------------------------------------------------------------------
@@ -312,14 +252,15 @@ class CustodyBook:
         self._verify_release_ack = verify_release_ack
         self._max_attempts = max_attempts
         self._owns_engine = False
-        with _database_errors("reading the schema revision"), engine.connect() as connection:
-            current = migrations.current_revision(connection)
-        head = migrations.head_revision()
-        if current != head:
-            raise SchemaNotCurrent(
-                f"book schema is at revision {current!r}, this code needs {head!r}: "
-                "run custodian.migrations.upgrade"
-            )
+        database.verify_schema_current(
+            engine,
+            current_revision=migrations.current_revision,
+            head_revision=migrations.head_revision(),
+            schema="book schema",
+            upgrade_with="custodian.migrations.upgrade",
+            unavailable=BookUnavailable,
+            not_current=SchemaNotCurrent,
+        )
 
     @classmethod
     def open(
@@ -369,28 +310,15 @@ class CustodyBook:
             raise ValueError("now must be timezone-aware")
         moment = moment.astimezone(UTC)
         digest = compute_command_digest(command)
-        last_error: DBAPIError | None = None
-        for attempt in range(self._max_attempts):
-            try:
-                return self._apply_once(command, digest=digest, moment=moment)
-            except IntegrityError as exc:
-                # A concurrent transaction committed the same idempotency key first: the next try
-                # finds it and returns the replay (or the conflict).
-                last_error = exc
-            except OperationalError as exc:
-                if not _is_lock_conflict(exc):
-                    raise BookUnavailable(f"applying {command.kind}: {exc.orig}") from exc
-                last_error = exc
-            time.sleep(0.005 * 2**attempt)
-        if isinstance(last_error, IntegrityError):
-            raise BookCorrupted(
-                f"{command.kind} {command.idempotency_key!r} keeps violating a constraint: "
-                f"{last_error.orig}"
-            ) from last_error
-        raise BookUnavailable(
-            f"{command.kind} {command.idempotency_key!r}: database busy after "
-            f"{self._max_attempts} attempts"
-        ) from last_error
+        # A unique-key conflict means a concurrent transaction committed the same idempotency key
+        # first: the next try finds it and returns the replay (or the conflict).
+        return database.run_with_retries(
+            lambda: self._apply_once(command, digest=digest, moment=moment),
+            what=f"applying {command.kind} {command.idempotency_key!r}",
+            max_attempts=self._max_attempts,
+            unavailable=BookUnavailable,
+            corrupted=BookCorrupted,
+        )
 
     def _apply_once(self, command: Command, *, digest: str, moment: datetime) -> RecordedEntry:
         with Session(self._engine, expire_on_commit=False) as session:

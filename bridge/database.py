@@ -1,0 +1,353 @@
+"""The SQL plumbing shared by the services that keep state in SQLite or PostgreSQL.
+
+What this module does: the column types both databases must agree on (timezone-aware UTC
+timestamps, row ids), an engine factory that accepts only SQLite and PostgreSQL and makes SQLite
+take its write lock at ``BEGIN``, the translation of driver errors into the project's hierarchy
+(a busy or unreachable database is a :class:`~attestations.errors.TransientError` of the caller's
+choosing), a retry loop for transactions the database aborted because of a concurrent one, and
+the Alembic runner and environment behind each package's ``migrations`` module.
+
+What it does not do: own any table, metadata or migration. The bridge (:mod:`bridge.outbox`,
+:mod:`bridge.migrations`) and the custody book (:mod:`custodian.store`,
+:mod:`custodian.migrations`) each keep their own, with their own error classes and version table,
+and pass them in here. Nothing in this module imports either package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, Final, TypeVar
+
+from alembic import command, context
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import BigInteger, Connection, DateTime, Engine, Integer, MetaData, event
+from sqlalchemy import create_engine as sqlalchemy_create_engine
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from attestations.errors import ConfigurationError, InvariantViolation, TransientError
+
+SUPPORTED_DIALECTS: Final = frozenset({"sqlite", "postgresql"})
+DEFAULT_MAX_ATTEMPTS: Final = 5
+"""Tries of one transaction when the database aborts it for a lock conflict."""
+_RETRY_SQLSTATES: Final = frozenset({"40001", "40P01", "55P03"})
+# serialization_failure, deadlock_detected, lock_not_available: the transaction was rolled back
+# and the same work may succeed on a second try.
+
+T = TypeVar("T")
+
+
+# --- column types -------------------------------------------------------------------------------
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC timestamps on both databases (SQLite keeps no zone, so it is stored
+    converted to UTC and read back as UTC). A naive timestamp is refused before it reaches the
+    database, with :attr:`naive_error`; each package subclasses this to name itself and choose
+    that error (a subclass must set ``cache_ok`` again: SQLAlchemy reads it per class)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+    naive_error: ClassVar[type[Exception]] = InvariantViolation
+    stored_by: ClassVar[str] = "the service"
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise self.naive_error(f"timestamps stored by {self.stored_by} must be timezone-aware")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def row_id_type() -> TypeEngine[int]:
+    """The type of an autoincrementing row id."""
+    # BIGINT on PostgreSQL; INTEGER on SQLite, where only "INTEGER PRIMARY KEY" is the rowid.
+    return BigInteger().with_variant(Integer(), "sqlite")
+
+
+# --- engines ------------------------------------------------------------------------------------
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it to the first
+    # write, after the reads the write depends on).
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_on_connect_with_foreign_keys(dbapi_connection: Any, record: Any) -> None:
+    _sqlite_on_connect(dbapi_connection, record)
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Connection) -> None:
+    # Take the write lock before the first read: what a transaction reads cannot change before it
+    # writes (SQLite has no SELECT ... FOR UPDATE).
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_database_engine(
+    url: str,
+    *,
+    owner: str,
+    unsupported: type[ConfigurationError],
+    sqlite_foreign_keys: bool,
+) -> Engine:
+    """An engine on a ``sqlite:///path`` or ``postgresql+psycopg://...`` URL. Any other database
+    raises ``unsupported`` with a message naming ``owner`` (the bridge, the custody book). On
+    SQLite every transaction starts with ``BEGIN IMMEDIATE``, and foreign keys are enforced when
+    ``sqlite_foreign_keys`` is true (SQLite ignores them otherwise)."""
+    engine = sqlalchemy_create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name not in SUPPORTED_DIALECTS:
+        engine.dispose()
+        raise unsupported(f"{owner} runs on SQLite or PostgreSQL, not {url!r}")
+    if engine.dialect.name == "sqlite":
+        on_connect = (
+            _sqlite_on_connect_with_foreign_keys if sqlite_foreign_keys else (_sqlite_on_connect)
+        )
+        event.listen(engine, "connect", on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+# --- errors and retries -------------------------------------------------------------------------
+
+
+def is_lock_conflict(exc: DBAPIError) -> bool:
+    """The database rolled the transaction back because of a concurrent one."""
+    if getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES:
+        return True
+    return isinstance(exc, OperationalError) and "locked" in str(exc.orig)
+
+
+@contextlib.contextmanager
+def database_errors(what: str, *, unavailable: type[TransientError]) -> Iterator[None]:
+    """Wrap driver errors that mean "not now" as ``unavailable``."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise unavailable(f"{what}: {exc.orig}") from exc
+
+
+def verify_schema_current(
+    engine: Engine,
+    *,
+    current_revision: Callable[[Connection], str | None],
+    head_revision: str | None,
+    schema: str,
+    upgrade_with: str,
+    unavailable: type[TransientError],
+    not_current: type[ConfigurationError],
+) -> None:
+    """Raise ``not_current`` unless ``engine``'s database is at ``head_revision`` according to
+    ``current_revision``; ``unavailable`` when it cannot be read. ``schema`` names the schema and
+    ``upgrade_with`` the function that migrates it, in the message."""
+    with (
+        database_errors(f"reading the {schema} revision", unavailable=unavailable),
+        engine.connect() as connection,
+    ):
+        current = current_revision(connection)
+    if current != head_revision:
+        raise not_current(
+            f"{schema} is at revision {current!r}, this code needs {head_revision!r}: "
+            f"run {upgrade_with}"
+        )
+
+
+def run_with_retries(
+    attempt: Callable[[], T],
+    *,
+    what: str,
+    max_attempts: int,
+    unavailable: type[TransientError],
+    corrupted: type[InvariantViolation],
+) -> T:
+    """Call ``attempt`` (one whole transaction, committed or rolled back before it returns) until
+    it succeeds, at most ``max_attempts`` times, backing off between tries.
+
+    Retried: lock conflicts, and unique-key conflicts (a concurrent transaction inserted the same
+    row first: the next try sees it). After the last try a conflict that persists raises
+    ``corrupted`` for a constraint, ``unavailable`` for a lock. Any other operational error
+    raises ``unavailable`` at once; every other exception propagates unchanged."""
+    last: DBAPIError | None = None
+    for tried in range(max_attempts):
+        try:
+            return attempt()
+        except IntegrityError as exc:
+            last = exc
+        except OperationalError as exc:
+            if not is_lock_conflict(exc):
+                raise unavailable(f"{what}: {exc.orig}") from exc
+            last = exc
+        except DBAPIError as exc:
+            if not is_lock_conflict(exc):
+                raise
+            last = exc
+        time.sleep(0.005 * 2**tried)
+    if isinstance(last, IntegrityError):
+        raise corrupted(f"{what}: keeps violating a constraint: {last.orig}") from last
+    raise unavailable(f"{what}: database busy after {max_attempts} attempts") from last
+
+
+# --- migrations ---------------------------------------------------------------------------------
+
+
+def _alembic_config(
+    script_location: Path,
+    *,
+    version_table: str | None = None,
+    connection: Connection | None = None,
+) -> Config:
+    config = Config()
+    # ConfigParser interpolates "%": escape it in the path.
+    config.set_main_option("script_location", str(script_location).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    config.attributes["version_table"] = version_table
+    return config
+
+
+def head_revision(*, script_location: Path) -> str | None:
+    """The newest revision of the migrations in ``script_location``."""
+    return ScriptDirectory.from_config(_alembic_config(script_location)).get_current_head()
+
+
+def current_revision(connection: Connection, *, version_table: str) -> str | None:
+    """The revision ``connection``'s database is at according to ``version_table`` (None when it
+    was never migrated)."""
+    migration = MigrationContext.configure(connection, opts={"version_table": version_table})
+    return migration.get_current_revision()
+
+
+def upgrade(
+    database: str | Engine,
+    *,
+    script_location: Path,
+    version_table: str,
+    lock_key: int,
+    create_engine: Callable[[str], Engine],
+    revision: str = "head",
+) -> None:
+    """Migrate ``database`` (a URL, opened with ``create_engine``, or an engine) up to
+    ``revision`` in one transaction. Running it on an up-to-date database does nothing."""
+    _run(
+        database,
+        lambda config: command.upgrade(config, revision),
+        script_location=script_location,
+        version_table=version_table,
+        lock_key=lock_key,
+        create_engine=create_engine,
+    )
+
+
+def downgrade(
+    database: str | Engine,
+    *,
+    script_location: Path,
+    version_table: str,
+    lock_key: int,
+    create_engine: Callable[[str], Engine],
+    revision: str,
+) -> None:
+    """Migrate ``database`` down to ``revision`` (``"base"`` drops every table of these
+    migrations) in one transaction."""
+    _run(
+        database,
+        lambda config: command.downgrade(config, revision),
+        script_location=script_location,
+        version_table=version_table,
+        lock_key=lock_key,
+        create_engine=create_engine,
+    )
+
+
+def _run(
+    database: str | Engine,
+    step: Callable[[Config], None],
+    *,
+    script_location: Path,
+    version_table: str,
+    lock_key: int,
+    create_engine: Callable[[str], Engine],
+) -> None:
+    engine = create_engine(database) if isinstance(database, str) else database
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Transaction-level: two processes starting at once do not both migrate.
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(lock_key)})")
+            step(
+                _alembic_config(script_location, version_table=version_table, connection=connection)
+            )
+    finally:
+        if isinstance(database, str):
+            engine.dispose()
+
+
+def run_migration_environment(
+    *,
+    metadata: MetaData,
+    version_table: str,
+    create_engine: Callable[[str], Engine],
+    owner: str,
+) -> None:
+    """The body of a package's Alembic ``env.py``. Run through :func:`upgrade` or
+    :func:`downgrade`, which pass an open connection in ``config.attributes["connection"]``;
+    without one (the ``alembic`` command line) ``sqlalchemy.url`` must be set on the config,
+    and offline mode writes SQL scripts from it. ``owner`` names the migrations in errors."""
+    config = context.config
+    passed_table = config.attributes.get("version_table")
+    if passed_table is not None and passed_table != version_table:
+        raise ConfigurationError(
+            f"{owner} keep their version in {version_table!r}, not {passed_table!r}"
+        )
+    if context.is_offline_mode():
+        context.configure(
+            url=config.get_main_option("sqlalchemy.url"),
+            target_metadata=metadata,
+            version_table=version_table,
+            literal_binds=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+
+    def configure_and_run(connection: Connection) -> None:
+        context.configure(
+            connection=connection,
+            target_metadata=metadata,
+            version_table=version_table,
+            compare_type=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        configure_and_run(connection)
+        return
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError(f"{owner} need a connection or sqlalchemy.url")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as own_connection:
+            configure_and_run(own_connection)
+    finally:
+        engine.dispose()
