@@ -25,13 +25,14 @@ from datetime import datetime, timedelta
 
 from attestations.disclosure import (
     ClearedSlot,
+    ClientProof,
     DisclosedLeaf,
     LeafDisclosure,
     compute_asset_roots,
     compute_salt,
 )
 from attestations.errors import InvariantViolation
-from attestations.merkle import SumTree, TreeUpdate
+from attestations.merkle import SumTree, TreeUpdate, compute_account_commitment
 from attestations.statement import GENESIS_PREVIOUS, PricePoint, Statement, StatementKind
 
 Holding = tuple[str, str]
@@ -166,4 +167,28 @@ def plan_epoch(
         _new_trees=new_trees,
         _positions=positions,
         _quantities=current,
+    )
+
+
+def compute_client_proof(
+    state: EpochState, *, account: str, asset: str, salt_secret: bytes
+) -> ClientProof | None:
+    """``account``'s inclusion proof for its ``asset`` leaf in the stream's last statement, or
+    None when that statement has no such leaf (or there is no statement yet)."""
+    position = state.positions.get((account, asset))
+    tree = state.trees.get(asset)
+    if state.sequence == 0 or position is None or tree is None:
+        return None
+    salt = compute_salt(secret=salt_secret, exchange=state.exchange, account=account, asset=asset)
+    leaf = tree.leaf(position)
+    if leaf is None or compute_account_commitment(account=account, salt=salt) != leaf.commitment:
+        raise InvariantViolation(f"the {asset} leaf at {position} is not {account}'s commitment")
+    return ClientProof(
+        custodian=state.custodian,
+        exchange=state.exchange,
+        sequence=state.sequence,
+        statement_digest=state.previous,
+        account=account,
+        salt=salt,
+        proof=tree.prove(position),
     )

@@ -59,15 +59,15 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
-    and_,
+    bindparam,
     delete,
     insert,
-    or_,
     select,
 )
 from sqlalchemy.orm import Session
 
-from attestations.disclosure import DisclosedLeaf, build_trees, compute_salt
+from attestations.canonical import truncate_to_millis
+from attestations.disclosure import ClientProof, DisclosedLeaf, build_trees, compute_salt
 from attestations.errors import (
     ConfigurationError,
     CounterpartyError,
@@ -85,7 +85,7 @@ from bridge.envelope import DEFAULT_BUDGET_BYTES, OutboundMessage, encode_statem
 from bridge.outbox import OutboxRelay, enqueue, run_transaction
 from bridge.topics import DEFAULT_CATALOGUE, TopicCatalogue, compute_stream_key
 from custodian import migrations as custodian_migrations
-from custodian.epochs import EpochPlan, EpochState, Holding, plan_epoch
+from custodian.epochs import EpochPlan, EpochState, Holding, compute_client_proof, plan_epoch
 from custodian.prices import DEFAULT_MAX_AGE, PriceSnapshot, PriceSource, compute_price_snapshot
 from custodian.store import CustodyBook, Units, UtcDateTime, metadata
 
@@ -132,7 +132,8 @@ leaves_table: Final = Table(
 
 
 def _utc_now() -> datetime:
-    return datetime.now(UTC)
+    # Statements carry whole milliseconds.
+    return truncate_to_millis(datetime.now(UTC))
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +308,15 @@ class AttestationService:
             or self._snapshot_requested
             or self.state.sequence + 1 - self.last_snapshot > self.snapshot_every
         )
+
+    def client_proof(self, *, account: str, asset: str) -> ClientProof | None:
+        """``account``'s proof for its ``asset`` leaf in the latest statement (None if it has
+        none), read under the lock an epoch commits under, so sequence, digest and path belong
+        to one statement."""
+        with self._lock:
+            return compute_client_proof(
+                self.state, account=account, asset=asset, salt_secret=self._salt_secret
+            )
 
     def publish_epoch(
         self, now: datetime | None = None, *, snapshot: bool = False
@@ -549,27 +559,30 @@ def persist_statement(
     gone = [(leaf.account, leaf.asset) for leaf in changed] + list(cleared)
     if gone:
         # Delete then insert: portable upsert, and a slot freed and retaken in one epoch never
-        # meets the (stream, asset, position) constraint twice.
+        # meets the (stream, asset, position) constraint twice. Executed as one statement with
+        # many parameter sets: a single expression over thousands of holdings exceeds SQLite's
+        # expression depth.
         connection.execute(
             delete(leaves_table).where(
-                leaves_table.c.stream == stream,
-                or_(
-                    *(
-                        and_(leaves_table.c.account == account, leaves_table.c.asset == asset)
-                        for account, asset in gone
-                    )
-                ),
-            )
+                leaves_table.c.stream == bindparam("b_stream"),
+                leaves_table.c.account == bindparam("b_account"),
+                leaves_table.c.asset == bindparam("b_asset"),
+            ),
+            [{"b_stream": stream, "b_account": a, "b_asset": x} for a, x in gone],
         )
-    for leaf in changed:
+    if changed:
         connection.execute(
-            insert(leaves_table).values(
-                stream=stream,
-                asset=leaf.asset,
-                account=leaf.account,
-                position=leaf.position,
-                quantity=leaf.quantity,
-            )
+            insert(leaves_table),
+            [
+                {
+                    "stream": stream,
+                    "asset": leaf.asset,
+                    "account": leaf.account,
+                    "position": leaf.position,
+                    "quantity": leaf.quantity,
+                }
+                for leaf in changed
+            ],
         )
 
 

@@ -1,7 +1,13 @@
 """``mcb``: the one command line of the mirrored-collateral bridge.
 
 Sub-commands grow with the services; today: ``demo`` (the end-to-end flow on the embedded
-default) and ``verify-proof`` (a client checks its inclusion proof against a signed statement).
+default), ``verify-proof`` (a client checks its inclusion proof against a signed statement) and
+``custodian`` (operations on the custody book: deposit, withdraw, pledge, unpledge, show-book,
+show-pledged, show-proof; configured by :mod:`mcb.config`).
+
+Exit status: 0 on success, 2 on any refused input or failed command, with one line on stderr
+``mcb: <Reason> (<reason_code>): <message>``. Quantities are integer minor units given as decimal
+strings (``150000000`` is 1.5 BTC); a fraction or an exponent is refused, never rounded.
 """
 
 from __future__ import annotations
@@ -9,17 +15,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
+import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Final
 
+from sqlalchemy.engine import make_url
+
+from attestations.amounts import format_decimal, parse_units
 from attestations.canonical import parse_json_object, parse_timestamp, truncate_to_millis
 from attestations.disclosure import ClientProof, verify_client_proof
-from attestations.errors import BridgeError
+from attestations.errors import BridgeError, CounterpartyError, FloatRejected
 from attestations.keys import KeyRegistry
 from attestations.verify import authenticate_statement
+from custodian.book import (
+    Command,
+    Deposit,
+    Pledge,
+    RecordedEntry,
+    Unpledge,
+    Withdraw,
+    compute_command_json,
+)
+from custodian.epochs import compute_client_proof as compute_epoch_client_proof
+from custodian.service import restore_epoch_state
+from custodian.store import CustodyBook
+from mcb.config import CustodianConfig, InvalidConfiguration, load_config
 from mcb.demo import run_demo
+
+_FRACTION_RE: Final = re.compile(r"[+-]?(?:[0-9]*\.[0-9]*|[0-9.]+[eE][+-]?[0-9]+)")
+"""What a float looks like on the command line: refused as money, never rounded."""
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -55,6 +85,264 @@ def _cmd_verify_proof(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- custodian ----------------------------------------------------------------------------------
+
+
+class ProofUnavailable(CounterpartyError):
+    """No inclusion proof can be given: no statement yet, or the holding is not in the latest."""
+
+    reason = "proof_unavailable"
+
+
+def parse_quantity(text: str) -> int:
+    """``--quantity``: integer minor units as a canonical decimal string. A fraction or an
+    exponent (``1.5``, ``1e8``) is a float and refused, not rounded."""
+    if _FRACTION_RE.fullmatch(text.strip()):
+        raise FloatRejected(
+            f"--quantity {text[:40]!r} is a fraction; give integer minor units (1.5 BTC is "
+            "150000000)"
+        )
+    return parse_units(text, what="--quantity")
+
+
+def _config(args: argparse.Namespace) -> CustodianConfig:
+    return load_config(None if args.config is None else Path(args.config), os.environ)
+
+
+@contextmanager
+def _open_book(config: CustodianConfig) -> Iterator[CustodyBook]:
+    """The configured book, migrated to the current schema. A SQLite file's directory is
+    created (the default lives under ``var/``)."""
+    url = make_url(config.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
+    with CustodyBook.open(config.database_url, assets=config.assets) as book:
+        yield book
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def compute_entry_json(entry: RecordedEntry) -> dict[str, Any]:
+    """A journal entry as printed: the command as stored, and its postings (amounts as decimal
+    strings, like every amount this project writes)."""
+    return {
+        "entry_id": entry.entry_id,
+        "recorded_at": _timestamp(entry.recorded_at),
+        "command": compute_command_json(entry.command),
+        "postings": [
+            {
+                "holder": posting.account.holder,
+                "asset": posting.account.asset,
+                "sub_account": posting.account.sub_account,
+                "amount": str(posting.amount),
+            }
+            for posting in entry.postings
+        ],
+    }
+
+
+def _idempotency_key(args: argparse.Namespace) -> str:
+    if args.idempotency_key is not None:
+        return str(args.idempotency_key)
+    key = f"cli-{secrets.token_hex(16)}"
+    # On stderr, so stdout stays one JSON document; the key is what makes a retry safe.
+    print(f"mcb: idempotency key {key} (retry with --idempotency-key {key})", file=sys.stderr)
+    return key
+
+
+def _build_command(args: argparse.Namespace) -> Command:
+    quantity = parse_quantity(args.quantity)
+    key = _idempotency_key(args)
+    if args.action == "deposit":
+        return Deposit(key, args.client, args.asset, quantity)
+    if args.action == "withdraw":
+        return Withdraw(key, args.client, args.asset, quantity)
+    if args.action == "pledge":
+        return Pledge(key, args.client, args.asset, args.exchange, quantity)
+    return Unpledge(key, args.client, args.asset, args.exchange, quantity, args.release_ack)
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    command = _build_command(args)  # input errors before the database is touched
+    with _open_book(_config(args)) as book:
+        entry = book.apply(command)
+    print(json.dumps(compute_entry_json(entry), sort_keys=True))
+    return 0
+
+
+def _print_rows(rows: list[dict[str, str]], *, columns: Sequence[str], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, sort_keys=True))
+        return
+    widths = [max([len(c), *(len(row[c]) for row in rows)]) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in rows:
+        cells = (
+            # Numbers right-aligned, names left-aligned.
+            row[c].rjust(w) if c in ("units", "whole_units") else row[c].ljust(w)
+            for c, w in zip(columns, widths, strict=True)
+        )
+        print("  ".join(cells).rstrip())
+
+
+def _whole(config: CustodianConfig, asset: str, units: int) -> str:
+    decimals = {a.code: a.decimals for a in config.assets}.get(asset)
+    return "?" if decimals is None else format_decimal(units, decimals=decimals)
+
+
+def _cmd_show_book(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with _open_book(config) as book:
+        balances = book.balances(client=args.client, asset=args.asset)
+    rows = [
+        {
+            "client": account.holder,
+            "asset": account.asset,
+            "sub_account": account.sub_account,
+            "units": str(units),
+            "whole_units": _whole(config, account.asset, units),
+        }
+        for account, units in balances.items()
+    ]
+    _print_rows(
+        rows, columns=("client", "asset", "sub_account", "units", "whole_units"), fmt=args.format
+    )
+    return 0
+
+
+def _cmd_show_pledged(args: argparse.Namespace) -> int:
+    config = _config(args)
+    with _open_book(config) as book:
+        pledged = book.pledged(args.exchange)
+    rows = [
+        {
+            "client": client,
+            "asset": asset,
+            "units": str(units),
+            "whole_units": _whole(config, asset, units),
+        }
+        for (client, asset), units in sorted(pledged.items())
+    ]
+    _print_rows(rows, columns=("client", "asset", "units", "whole_units"), fmt=args.format)
+    return 0
+
+
+def _read_salt_secret(config: CustodianConfig) -> bytes:
+    if config.salt_secret_file is None:
+        raise InvalidConfiguration(
+            "show-proof needs the attestation service's salt secret: set salt_secret_file in "
+            "[custodian] or MCB_SALT_SECRET_FILE"
+        )
+    secret = Path(config.salt_secret_file).read_bytes()
+    if len(secret) < 32:
+        raise InvalidConfiguration(f"{config.salt_secret_file}: the salt secret is under 32 bytes")
+    return secret
+
+
+def compute_client_proof(
+    book: CustodyBook,
+    *,
+    custodian: str,
+    exchange: str,
+    client: str,
+    asset: str,
+    salt_secret: bytes,
+) -> ClientProof:
+    """The inclusion proof of (client, asset) in the stream's latest stored statement, from the
+    state the attestation service restores at start (its stored leaves, checked against the
+    statement's roots)."""
+    state, _ = restore_epoch_state(
+        book.engine, custodian=custodian, exchange=exchange, salt_secret=salt_secret
+    )
+    if state.sequence == 0:
+        raise ProofUnavailable(f"no statement for {custodian}/{exchange} has been published yet")
+    proof = compute_epoch_client_proof(state, account=client, asset=asset, salt_secret=salt_secret)
+    if proof is None:
+        raise ProofUnavailable(
+            f"{client} / {asset} is not in statement #{state.sequence} of {custodian}/{exchange}"
+        )
+    return proof
+
+
+def _cmd_show_proof(args: argparse.Namespace) -> int:
+    config = _config(args)
+    salt_secret = _read_salt_secret(config)
+    with _open_book(config) as book:
+        proof = compute_client_proof(
+            book,
+            custodian=config.custodian,
+            exchange=args.exchange,
+            client=args.client,
+            asset=args.asset,
+            salt_secret=salt_secret,
+        )
+    print(json.dumps(proof.to_wire(), sort_keys=True))
+    return 0
+
+
+def _add_custodian_parser(sub: Any) -> None:
+    custodian = sub.add_parser(
+        "custodian",
+        help="operate the custody book (deposit, withdraw, pledge, unpledge, show ...)",
+        description="Operate the custody book. Configuration: --config FILE (or $MCB_CONFIG), "
+        "overridden by MCB_DATABASE_URL, MCB_SALT_SECRET_FILE and MCB_KAFKA_*.",
+    )
+    actions = custodian.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=None, help="TOML configuration file")
+
+    def add(name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> Any:
+        parser = actions.add_parser(name, help=help_text, parents=[common])
+        parser.set_defaults(func=func)
+        return parser
+
+    movements = {
+        "deposit": "units arrive in custody for a client (external -> available)",
+        "withdraw": "units leave custody (available -> external)",
+        "pledge": "pledge available units to an exchange",
+        "unpledge": "release pledged units, with the exchange's release acknowledgement",
+    }
+    for name, help_text in movements.items():
+        parser = add(name, help_text, _cmd_apply)
+        parser.add_argument("--client", required=True)
+        parser.add_argument("--asset", required=True)
+        parser.add_argument(
+            "--quantity", required=True, help="integer minor units, e.g. 150000000 for 1.5 BTC"
+        )
+        if name in ("pledge", "unpledge"):
+            parser.add_argument("--exchange", required=True)
+        if name == "unpledge":
+            parser.add_argument(
+                "--release-ack", required=True, help="the exchange's release acknowledgement id"
+            )
+        parser.add_argument(
+            "--idempotency-key",
+            default=None,
+            help="retrying with the same key has no second effect (default: a new random key, "
+            "printed on stderr)",
+        )
+
+    show_book = add("show-book", "client balances per sub-account", _cmd_show_book)
+    show_book.add_argument("--client", default=None)
+    show_book.add_argument("--asset", default=None)
+    show_book.add_argument("--format", choices=("table", "json"), default="table")
+
+    show_pledged = add("show-pledged", "units pledged to one exchange", _cmd_show_pledged)
+    show_pledged.add_argument("--exchange", required=True)
+    show_pledged.add_argument("--format", choices=("table", "json"), default="table")
+
+    show_proof = add(
+        "show-proof",
+        "a client's inclusion proof in the latest statement (JSON, for mcb verify-proof)",
+        _cmd_show_proof,
+    )
+    show_proof.add_argument("--exchange", required=True)
+    show_proof.add_argument("--client", required=True)
+    show_proof.add_argument("--asset", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcb", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -83,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check as of this time (YYYY-MM-DDTHH:MM:SS.mmmZ) instead of now: a past statement",
     )
     verify.set_defaults(func=_cmd_verify_proof)
+    _add_custodian_parser(sub)
     return parser
 
 
@@ -92,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if not args.verbose:
+        # Migrations run at every open of the book; their progress lines are noise on a terminal.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         status: int = args.func(args)
     except BridgeError as exc:

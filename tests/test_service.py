@@ -82,9 +82,8 @@ def open_service(
         quorum=2,
         salt_secret=SALT_SECRET,
         decimals=DECIMALS,
-        prices=StaticPriceSource(sample_prices()),
         log=log,
-        **options,
+        **{"prices": StaticPriceSource(sample_prices()), **options},
     )
 
 
@@ -436,3 +435,32 @@ async def test_pledges_become_statements_verified_by_an_independent_consumer(
     }
     assert consumer.metrics.dead_letters == 0
     assert relay.metrics.published == count_outbox(book.engine)
+
+
+def test_a_first_statement_over_many_holdings_is_stored(
+    book: CustodyBook, world: World, cosigners: list[Cosigner], log: TransparencyLog
+) -> None:
+    # One expression over every changed holding once exceeded SQLite's expression depth.
+    for index in range(1100):
+        pledge(book, f"many-{index}", f"client-{index:04d}", "USDC", 1_000 + index)
+    service = open_service(book, world, cosigners, log)
+    signed = service.publish_epoch(NOW)
+    assert statement_rows(book.engine) == [(1, "snapshot", signed.digest)]
+    _, disclosure = decode_entry(outbox_records(book.engine, 1))
+    assert len(disclosure.set_leaves) == 1100
+
+
+def test_the_default_clock_gives_statements_whole_milliseconds(
+    book: CustodyBook, world: World, cosigners: list[Cosigner], log: TransparencyLog
+) -> None:
+    from datetime import UTC, datetime
+
+    from attestations.canonical import truncate_to_millis
+    from attestations.statement import PricePoint
+
+    observed = truncate_to_millis(datetime.now(UTC))
+    prices = tuple(PricePoint(p.price, p.source, observed) for p in sample_prices())
+    pledge(book, "clock", "alice", "BTC", 5)
+    service = open_service(book, world, cosigners, log, prices=StaticPriceSource(prices))
+    signed = service.publish_epoch()  # the service's own clock
+    assert signed.statement.issued_at.microsecond % 1000 == 0
