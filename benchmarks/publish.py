@@ -182,10 +182,8 @@ def sample_prices(now: datetime) -> StaticPriceSource:
 
 def seed_book(book: CustodyBook, service: AttestationService, clients: list[str]) -> int:
     """Deposit and pledge one unit for every client, publishing a statement after each batch of
-    SEED_BATCH new holdings; returns the last statement's sequence. Batches, because the
-    service stores a statement's changed leaves with one OR-expression per leaf, and SQLite
-    refuses an expression tree deeper than 1000 (a first statement of ~500 or more new holdings
-    fails to store on SQLite)."""
+    SEED_BATCH new holdings; returns the last statement's sequence. Batches keep the warm-up
+    statements the size of the ones measured."""
     now = datetime.now(UTC)
     for start in range(0, len(clients), SEED_BATCH):
         for client in clients[start : start + SEED_BATCH]:

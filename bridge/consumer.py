@@ -356,11 +356,13 @@ class ConsumerBase(abc.ABC):
     @contextlib.asynccontextmanager
     async def _clients(self) -> AsyncIterator[tuple[AIOKafkaConsumer, AIOKafkaProducer]]:
         group = (self.group_id or self.name) if self.use_group else None
-        consumer = create_consumer(self.settings, group_id=group, topics=())
+        # Each client is created only once the previous one started: a client created and never
+        # started is never closed, and aiokafka reports it as leaked.
         producer = create_producer(self.settings)
         with kafka_errors("connect"):
             await start_kafka_client(producer)
         try:
+            consumer = create_consumer(self.settings, group_id=group, topics=())
             with kafka_errors("connect"):
                 await start_kafka_client(consumer)
             self._consumer: AIOKafkaConsumer | None = consumer

@@ -53,6 +53,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -524,11 +525,13 @@ class OutboxRelay:
 
     @contextlib.asynccontextmanager
     async def _clients(self) -> AsyncIterator[tuple[AIOKafkaProducer, AIOKafkaConsumer]]:
+        # Each client is created only once the previous one started: a client created and never
+        # started is never closed, and aiokafka reports it as leaked.
         producer = create_producer(self.settings)
-        probe = create_consumer(self.settings, group_id=None, topics=())
         with kafka_errors("connect"):
             await start_client(producer)
         try:
+            probe = create_consumer(self.settings, group_id=None, topics=())
             with kafka_errors("connect"):
                 await start_client(probe)
             try:
@@ -628,18 +631,22 @@ class OutboxRelay:
         moment = datetime.now(UTC)
 
         def work(session: Session) -> None:
-            connection = session.connection()
-            for item in acked:
-                connection.execute(
-                    update(outbox_table)
-                    .where(outbox_table.c.id == item.id)
-                    .values(
-                        sent_at=moment,
-                        sent_partition=item.partition,
-                        sent_offset=item.offset,
-                        publish_count=outbox_table.c.publish_count + 1,
-                    )
-                )
+            # One statement with a parameter set per row: a batch is marked in one round trip
+            # (executemany), inside a transaction that holds the write lock as briefly as it can.
+            session.connection().execute(
+                update(outbox_table)
+                .where(outbox_table.c.id == bindparam("b_id"))
+                .values(
+                    sent_at=moment,
+                    sent_partition=bindparam("b_partition"),
+                    sent_offset=bindparam("b_offset"),
+                    publish_count=outbox_table.c.publish_count + 1,
+                ),
+                [
+                    {"b_id": item.id, "b_partition": item.partition, "b_offset": item.offset}
+                    for item in acked
+                ],
+            )
 
         run_transaction(self.engine, work, what="marking rows sent")
 

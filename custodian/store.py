@@ -70,7 +70,6 @@ from custodian.book import (
     pledged_to,
     record_release_ack_unverified,
     select_balances,
-    select_pledged,
     select_totals,
     verify_retry,
 )
@@ -389,10 +388,16 @@ class CustodyBook:
     def pledged(self, exchange: str) -> dict[tuple[str, str], int]:
         """Units pledged to ``exchange`` per (client, asset), non-zero only: what an attestation
         epoch for that exchange commits to."""
-        query = select(BalanceRow).where(BalanceRow.sub_account == pledged_to(exchange))
+        # Three columns, not BalanceRow objects: every epoch reads every pledge, and building
+        # an ORM object (and a validated Account) per row cost ~20 ms per 1,000 pledges while
+        # holding SQLite's write lock, which pledges then queued behind. Same result as
+        # select_pledged: ordered by (client, asset), zero balances left out.
+        query = select(BalanceRow.holder, BalanceRow.asset, BalanceRow.balance).where(
+            BalanceRow.sub_account == pledged_to(exchange)
+        )
         with _database_errors("reading pledges"), Session(self._engine) as session:
             rows = session.exec(query).all()
-        return select_pledged(_as_balances(rows), exchange=exchange)
+        return {(holder, asset): balance for holder, asset, balance in sorted(rows) if balance}
 
     def totals(self) -> dict[str, int]:
         """Units held in custody per asset: every unit that entered (deposits, yield) minus every

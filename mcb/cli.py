@@ -3,7 +3,8 @@
 Sub-commands grow with the services; today: ``demo`` (the end-to-end flow on the embedded
 default), ``verify-proof`` (a client checks its inclusion proof against a signed statement) and
 ``custodian`` (operations on the custody book: deposit, withdraw, pledge, unpledge, show-book,
-show-pledged, show-proof; configured by :mod:`mcb.config`).
+show-pledged, show-proof; and ``serve``, the attestation service, outbox relay and HTTP API of one
+stream in one process; configured by :mod:`mcb.config`).
 
 Exit status: 0 on success, 2 on any refused input or failed command, with one line on stderr
 ``mcb: <Reason> (<reason_code>): <message>``. Quantities are integer minor units given as decimal
@@ -13,14 +14,16 @@ strings (``150000000`` is 1.5 BTC); a fraction or an exponent is refused, never 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import re
 import secrets
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -31,8 +34,16 @@ from attestations.amounts import format_decimal, parse_units
 from attestations.canonical import parse_json_object, parse_timestamp, truncate_to_millis
 from attestations.disclosure import ClientProof, verify_client_proof
 from attestations.errors import BridgeError, CounterpartyError, FloatRejected
+from attestations.hsm import Pkcs11Signer
 from attestations.keys import KeyRegistry
+from attestations.p256 import DigestSigner, SoftwareP256Signer
+from attestations.signing import BlsCosigner, Cosigner
+from attestations.translog import TransparencyLog
 from attestations.verify import authenticate_statement
+from bridge.broker import EmbeddedBroker
+from bridge.kafka import KafkaSettings
+from bridge.outbox import OutboxRelay
+from custodian.api import TokenStore, create_app, run_server
 from custodian.book import (
     Command,
     Deposit,
@@ -43,9 +54,10 @@ from custodian.book import (
     compute_command_json,
 )
 from custodian.epochs import compute_client_proof as compute_epoch_client_proof
-from custodian.service import restore_epoch_state
+from custodian.prices import FilePriceSource
+from custodian.service import AttestationService, restore_epoch_state
 from custodian.store import CustodyBook
-from mcb.config import CustodianConfig, InvalidConfiguration, load_config
+from mcb.config import ENV_HSM_PIN, CustodianConfig, InvalidConfiguration, load_config
 from mcb.demo import run_demo
 
 _FRACTION_RE: Final = re.compile(r"[+-]?(?:[0-9]*\.[0-9]*|[0-9.]+[eE][+-]?[0-9]+)")
@@ -282,6 +294,174 @@ def _cmd_show_proof(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve ---------------------------------------------------------------------------------------
+
+SOFTWARE_KEY_WARNING: Final = (
+    "mcb: WARNING: --software-key: the custodian key is generated in memory and lost at exit; "
+    "statements it signs are verifiable by nobody who has not registered this one-off key. "
+    "INSECURE, development only."
+)
+COSIGNER_WARNING: Final = (
+    "mcb: WARNING: the co-signers run in this process with seeds read from {path}: a "
+    "development arrangement; in production each co-signer is a separate party."
+)
+
+
+def _read_pin(config: CustodianConfig) -> str:
+    """The token PIN from the configured file, else from ``$MCB_HSM_PIN``: never from argv,
+    where any local user could read it."""
+    hsm = config.hsm
+    if hsm is not None and hsm.pin_file is not None:
+        pin = Path(hsm.pin_file).read_text(encoding="utf-8").strip()
+    else:
+        pin = os.environ.get(ENV_HSM_PIN, "").strip()
+    if not pin:
+        raise InvalidConfiguration(
+            f"no HSM PIN: set pin_file in [hsm] or ${ENV_HSM_PIN} (never on the command line)"
+        )
+    return pin
+
+
+def open_serve_signer(config: CustodianConfig, *, software_key: bool) -> DigestSigner:
+    """The custodian key: on the configured PKCS#11 token, or (only when asked) in memory."""
+    if software_key:
+        print(SOFTWARE_KEY_WARNING, file=sys.stderr)
+        return SoftwareP256Signer(insecure_development_only=True)
+    hsm = config.hsm
+    if hsm is None:
+        raise InvalidConfiguration(
+            "serve needs the custodian key's token: an [hsm] section with token_label "
+            "(or --software-key, for development only)"
+        )
+    pin = _read_pin(config)
+    if hsm.library_path is None:
+        return Pkcs11Signer.open(token_label=hsm.token_label, pin=pin, key_label=hsm.key_label)
+    return Pkcs11Signer.open(
+        library_path=hsm.library_path, token_label=hsm.token_label, pin=pin, key_label=hsm.key_label
+    )
+
+
+def load_dev_cosigners(path: Path) -> list[Cosigner]:
+    """DEVELOPMENT ONLY: in-process co-signers, one per line of ``path`` (a hex seed of at least
+    32 bytes; blank and ``#`` lines ignored). In production each co-signer is a remote party
+    holding its own key; this stands in for them on one machine."""
+    cosigners = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            seed = bytes.fromhex(line)
+        except ValueError as exc:
+            raise InvalidConfiguration(f"{path} line {number}: not a hex seed") from exc
+        if len(seed) < 32:
+            raise InvalidConfiguration(f"{path} line {number}: a seed is at least 32 bytes")
+        cosigners.append(Cosigner(BlsCosigner.from_seed(seed)))
+    return cosigners
+
+
+async def serve(
+    config: CustodianConfig,
+    *,
+    signer: DigestSigner,
+    kafka: KafkaSettings,
+    stop: asyncio.Event,
+    on_ready: Callable[[list[Any]], None],
+) -> None:
+    """Run the stream's attestation service, outbox relay and HTTP API until ``stop`` is set,
+    then wait for all three. If one of them fails, the others are stopped and the error
+    propagates."""
+    serve_config = config.serve
+    exchange = serve_config.require("exchange")
+    tokens = TokenStore.load(Path(serve_config.require("token_file")))
+    prices = FilePriceSource(Path(serve_config.require("price_file")))
+    seeds = Path(serve_config.require("cosigner_seeds_file"))
+    cosigners = load_dev_cosigners(seeds)
+    print(COSIGNER_WARNING.format(path=seeds), file=sys.stderr)
+    salt_secret = _read_salt_secret(config)
+    log_path = Path(serve_config.translog_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with _open_book(config) as book, TransparencyLog(log_path) as log:
+        relay = OutboxRelay(book.engine, kafka)
+        service = AttestationService.open(
+            book,
+            custodian=config.custodian,
+            exchange=exchange,
+            signer=signer,
+            cosigners=cosigners,
+            quorum=serve_config.quorum,
+            salt_secret=salt_secret,
+            decimals={asset.code: asset.decimals for asset in config.assets},
+            prices=prices,
+            log=log,
+            relay=relay,
+        )
+        app = create_app(service=service, tokens=tokens, log=log, signer=signer)
+        tasks = [
+            asyncio.create_task(relay.run(stop), name="outbox-relay"),
+            asyncio.create_task(
+                service.run(
+                    stop, interval_s=serve_config.interval_s, debounce_s=serve_config.debounce_s
+                ),
+                name="attestation-service",
+            ),
+            asyncio.create_task(
+                run_server(app, serve_config.host, serve_config.port, stop=stop, on_ready=on_ready),
+                name="http-api",
+            ),
+        ]
+        try:
+            # The first task to end before stop was set failed (or returned early): stop the rest.
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.set()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+
+def _print_ready(addresses: list[Any]) -> None:
+    # One line on stdout per bound address, so a script (or a test) started with port 0 can
+    # find the API.
+    for address in addresses:
+        host, port = address[0], address[1]
+        print(f"mcb: serving on http://{host}:{port}", flush=True)
+
+
+async def _serve_main(config: CustodianConfig, args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        with ExitStack() as stack:
+            signer = open_serve_signer(config, software_key=args.software_key)
+            if isinstance(signer, Pkcs11Signer):
+                stack.callback(signer.close)
+            if args.embedded_broker:
+                broker = EmbeddedBroker()
+                await asyncio.to_thread(broker.start)
+                stack.callback(broker.stop)
+                kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+            elif config.kafka is not None:
+                kafka = config.kafka
+            else:
+                raise InvalidConfiguration(
+                    "serve needs a Kafka broker: MCB_KAFKA_BOOTSTRAP_SERVERS or [kafka] "
+                    "bootstrap_servers (or --embedded-broker, for development)"
+                )
+            await serve(config, signer=signer, kafka=kafka, stop=stop, on_ready=_print_ready)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    asyncio.run(_serve_main(_config(args), args))
+    return 0
+
+
 def _add_custodian_parser(sub: Any) -> None:
     custodian = sub.add_parser(
         "custodian",
@@ -341,6 +521,22 @@ def _add_custodian_parser(sub: Any) -> None:
     show_proof.add_argument("--exchange", required=True)
     show_proof.add_argument("--client", required=True)
     show_proof.add_argument("--asset", required=True)
+
+    serve_parser = add(
+        "serve",
+        "run the attestation service, outbox relay and HTTP API of one stream until SIGTERM",
+        _cmd_serve,
+    )
+    serve_parser.add_argument(
+        "--embedded-broker",
+        action="store_true",
+        help="development: start an embedded, memory-only Kafka broker instead of MCB_KAFKA_*",
+    )
+    serve_parser.add_argument(
+        "--software-key",
+        action="store_true",
+        help="INSECURE, development only: a one-off custodian key in memory instead of the HSM",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,11 +21,30 @@ The file (every key optional; the defaults are shown)::
     [kafka]                           # any MCB_KAFKA_<NAME> setting, as lower-case <name>
     bootstrap_servers = "127.0.0.1:9092"
 
-Environment overrides (they win over the file): ``MCB_DATABASE_URL``, ``MCB_SALT_SECRET_FILE``
-and every ``MCB_KAFKA_*`` name of :func:`bridge.kafka.settings_from_env`, which validates the
-Kafka settings. ``MCB_CONFIG`` names the file when ``--config`` is not given.
+    [serve]                           # ``mcb custodian serve`` only
+    exchange = "exchange-one"         # required by serve: the stream's exchange
+    translog_path = "var/translog.sqlite3"
+    host = "127.0.0.1"
+    port = 8080                       # 0 picks a free port (the bound address is printed)
+    token_file = "..."                # required by serve: "<sha256 hex> <principal>" lines
+    price_file = "..."                # required by serve: a JSON price document
+    cosigner_seeds_file = "..."       # DEVELOPMENT ONLY: one hex seed per line, in-process
+    quorum = 2
+    interval_s = 60.0
+    debounce_s = 0.05
 
-What it does not do: open the database, read the salt secret, or connect to Kafka.
+    [hsm]                             # the custodian key on a PKCS#11 token (SoftHSM2)
+    library_path = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label = "..."
+    key_label = "attestation"
+    pin_file = "..."                  # or the PIN in $MCB_HSM_PIN; never on the command line
+
+Environment overrides (they win over the file): ``MCB_DATABASE_URL``, ``MCB_SALT_SECRET_FILE``,
+``MCB_HSM_PIN`` (the token PIN, which the file can only name by path) and every ``MCB_KAFKA_*``
+name of :func:`bridge.kafka.settings_from_env`, which validates the Kafka settings.
+``MCB_CONFIG`` names the file when ``--config`` is not given.
+
+What it does not do: open the database, read the salt secret or the PIN, or connect to Kafka.
 """
 
 from __future__ import annotations
@@ -44,23 +63,84 @@ from attestations.errors import BridgeError, ConfigurationError
 from attestations.statement import validate_party
 from bridge.kafka import ENV_PREFIX as KAFKA_ENV_PREFIX
 from bridge.kafka import KafkaSettings, settings_from_env
+from custodian.service import DEFAULT_DEBOUNCE_S, DEFAULT_INTERVAL_S
 
 ENV_CONFIG: Final = "MCB_CONFIG"
 ENV_DATABASE_URL: Final = "MCB_DATABASE_URL"
 ENV_SALT_SECRET_FILE: Final = "MCB_SALT_SECRET_FILE"  # noqa: S105 (a variable name, no secret)
+ENV_HSM_PIN: Final = "MCB_HSM_PIN"
+DEFAULT_TRANSLOG_PATH: Final = "var/translog.sqlite3"
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8080
+DEFAULT_HSM_KEY_LABEL: Final = "attestation"
 DEFAULT_CUSTODIAN: Final = "custodian-bank"
 DEFAULT_DATABASE_URL: Final = "sqlite:///var/custodian.sqlite3"
 DEFAULT_ASSETS: Final = (Asset("BENJI", 6), Asset("USDC", 6), Asset("BTC", 8), Asset("ETH", 18))
 SUPPORTED_BACKENDS: Final = frozenset({"sqlite", "postgresql"})
 
-_SECTIONS: Final = frozenset({"custodian", "assets", "kafka"})
+_SECTIONS: Final = frozenset({"custodian", "assets", "kafka", "serve", "hsm"})
 _CUSTODIAN_KEYS: Final = frozenset({"id", "database_url", "salt_secret_file"})
+_SERVE_STRINGS: Final = frozenset(
+    {"exchange", "translog_path", "host", "token_file", "price_file", "cosigner_seeds_file"}
+)
+_SERVE_NUMBERS: Final = frozenset({"port", "quorum", "interval_s", "debounce_s"})
+_HSM_KEYS: Final = frozenset({"library_path", "token_label", "key_label", "pin_file"})
 
 
 class InvalidConfiguration(ConfigurationError):
     """The configuration file or an environment override is malformed or inconsistent."""
 
     reason = "invalid_configuration"
+
+
+@dataclass(frozen=True, slots=True)
+class HsmConfig:
+    """Where the custodian key lives: a PKCS#11 token. The PIN itself is never part of the
+    configuration: ``pin_file`` names a file, else ``$MCB_HSM_PIN`` is read when the token is
+    opened."""
+
+    token_label: str
+    library_path: str | None = None
+    key_label: str = DEFAULT_HSM_KEY_LABEL
+    pin_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """What ``mcb custodian serve`` needs beyond the book. ``exchange``, ``token_file`` and
+    ``price_file`` are required by serve (checked by :meth:`require`), not by the book
+    commands."""
+
+    exchange: str | None = None
+    translog_path: str = DEFAULT_TRANSLOG_PATH
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    token_file: str | None = None
+    price_file: str | None = None
+    cosigner_seeds_file: str | None = None
+    quorum: int = 2
+    interval_s: float = DEFAULT_INTERVAL_S
+    debounce_s: float = DEFAULT_DEBOUNCE_S
+
+    def __post_init__(self) -> None:
+        if self.exchange is not None:
+            try:
+                validate_party(self.exchange, what="exchange")
+            except BridgeError as exc:
+                raise InvalidConfiguration(f"[serve] exchange: {exc}") from exc
+        if not 0 <= self.port < 65536:
+            raise InvalidConfiguration(f"[serve] port must be in 0..65535, not {self.port}")
+        if self.quorum < 1:
+            raise InvalidConfiguration("[serve] quorum must be at least 1")
+        if not self.interval_s > 0 or self.debounce_s < 0:
+            raise InvalidConfiguration("[serve] interval_s must be positive, debounce_s >= 0")
+
+    def require(self, name: str) -> str:
+        """The string setting ``name``, or :class:`InvalidConfiguration` naming it."""
+        value = getattr(self, name)
+        if not isinstance(value, str):
+            raise InvalidConfiguration(f"serve needs {name} in [serve]")
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +153,8 @@ class CustodianConfig:
     assets: tuple[Asset, ...] = DEFAULT_ASSETS
     salt_secret_file: str | None = None
     kafka: KafkaSettings | None = None
+    serve: ServeConfig = ServeConfig()
+    hsm: HsmConfig | None = None
 
     def __post_init__(self) -> None:
         check_database_url(self.database_url)
@@ -142,6 +224,62 @@ def _kafka_env(table: Mapping[str, Any], *, source: str) -> dict[str, str]:
     return env
 
 
+def _check_keys(table: Mapping[str, Any], known: frozenset[str], *, name: str, source: str) -> None:
+    if unknown := sorted(set(table) - known):
+        raise InvalidConfiguration(
+            f"{source}: unknown key(s) in [{name}]: {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+
+
+def parse_serve(table: Mapping[str, Any], *, source: str) -> ServeConfig:
+    """The [serve] table: paths and names are strings, ``port`` and ``quorum`` integers,
+    ``interval_s`` and ``debounce_s`` numbers of seconds."""
+    _check_keys(table, _SERVE_STRINGS | _SERVE_NUMBERS, name="serve", source=source)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in _SERVE_STRINGS:
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidConfiguration(f"{source}: [serve] {key} must be a non-empty string")
+            values[key] = value
+        elif key in ("port", "quorum"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidConfiguration(f"{source}: [serve] {key} must be an integer")
+            values[key] = value
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise InvalidConfiguration(f"{source}: [serve] {key} must be a number of seconds")
+            values[key] = float(value)
+    try:
+        return ServeConfig(**values)
+    except InvalidConfiguration as exc:
+        raise InvalidConfiguration(f"{source}: {exc}") from exc
+
+
+def parse_hsm(table: Mapping[str, Any], *, source: str) -> HsmConfig | None:
+    """The [hsm] table (None when absent). A ``pin`` key is refused: the PIN goes in a file or
+    in ``$MCB_HSM_PIN``, never in the configuration."""
+    if not table:
+        return None
+    if "pin" in table:
+        raise InvalidConfiguration(
+            f"{source}: [hsm] pin is not accepted: put the PIN in a file named by pin_file, or "
+            f"in ${ENV_HSM_PIN}"
+        )
+    _check_keys(table, _HSM_KEYS, name="hsm", source=source)
+    for key, value in table.items():
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidConfiguration(f"{source}: [hsm] {key} must be a non-empty string")
+    if "token_label" not in table:
+        raise InvalidConfiguration(f"{source}: [hsm] token_label is required")
+    return HsmConfig(
+        token_label=table["token_label"],
+        library_path=table.get("library_path"),
+        key_label=table.get("key_label", DEFAULT_HSM_KEY_LABEL),
+        pin_file=table.get("pin_file"),
+    )
+
+
 def parse_config(
     document: Mapping[str, Any], env: Mapping[str, str], *, source: str = "<defaults>"
 ) -> CustodianConfig:
@@ -199,6 +337,8 @@ def parse_config(
         assets=assets,
         salt_secret_file=salt_secret_file,
         kafka=kafka,
+        serve=parse_serve(_table(document, "serve", source=source), source=source),
+        hsm=parse_hsm(_table(document, "hsm", source=source), source=source),
     )
 
 
