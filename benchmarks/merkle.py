@@ -29,17 +29,14 @@ import argparse
 import gc
 import hashlib
 import json
-import os
-import platform
 import random
 import resource
-import ssl
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,6 +46,7 @@ from attestations.merkle import (
     compute_account_commitment,
     verify_inclusion,
 )
+from benchmarks.machine import fail, machine_info
 
 ASSET = "USDC"
 DELTA_SIZE = 1_000
@@ -62,33 +60,6 @@ def timed(function: Callable[[], _T]) -> tuple[_T, float]:
     start = time.perf_counter()
     result = function()
     return result, time.perf_counter() - start
-
-
-def fail(message: str) -> None:
-    print(f"FAILED: {message}", file=sys.stderr)
-    raise SystemExit(1)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "openssl": ssl.OPENSSL_VERSION,
-    }
 
 
 def leaf_preimage(leaf: Leaf) -> bytes:

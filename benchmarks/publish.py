@@ -32,11 +32,8 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import platform
 import secrets
 import sqlite3
-import ssl
 import sys
 import tempfile
 import threading
@@ -58,6 +55,7 @@ from attestations.p256 import DigestSigner, SoftwareP256Signer
 from attestations.signing import BlsCosigner, Cosigner
 from attestations.statement import PricePoint
 from attestations.translog import TransparencyLog
+from benchmarks.machine import machine_info
 from bridge import migrations as bridge_migrations
 from bridge.broker import EmbeddedBroker
 from bridge.consumer import ConsumerBase, Delivery
@@ -77,29 +75,6 @@ DEPOSIT_UNITS = 10**15
 TARGET_P99_MS = 50.0
 DRAIN_TIMEOUT_S = 30.0
 SEED_BATCH = 250
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "openssl": ssl.OPENSSL_VERSION,
-        "sqlite": sqlite3.sqlite_version,
-    }
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:
@@ -321,7 +296,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  # noq
         "dead_letters": errors,
         "target_p99_ms": TARGET_P99_MS,
         "target_met": percentile(publish_ms, 0.99) < TARGET_P99_MS,
-        **machine_info(),
+        **machine_info(sqlite=sqlite3.sqlite_version),
     }
 
 

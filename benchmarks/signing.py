@@ -42,12 +42,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import itertools
 import json
-import os
-import platform
-import ssl
 import statistics
 import subprocess
 import sys
@@ -58,7 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,6 +81,7 @@ from attestations.statement import (
     StatementKind,
 )
 from attestations.verify import verify_statement
+from benchmarks.machine import fail, machine_info, package_version
 from mcb.softhsm import DEFAULT_LIBRARY, find_softhsm, init_token, prepare_softhsm
 
 CUSTODIAN = "custodian-bench"
@@ -130,28 +127,6 @@ def measure(function: Callable[[], object], *, seconds: float) -> Measurement:
     return Measurement(len(samples), time.perf_counter() - start, tuple(samples))
 
 
-def fail(message: str) -> NoReturn:
-    print(f"FAILED: {message}", file=sys.stderr)
-    raise SystemExit(1)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def softhsm_version() -> str | None:
     try:
         result = subprocess.run(
@@ -162,21 +137,14 @@ def softhsm_version() -> str | None:
     return result.stdout.strip() or None
 
 
-def machine_info() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "openssl": ssl.OPENSSL_VERSION,
-        "py_ecc_version": package_version("py-ecc"),
-        "milagro_version": package_version("milagro-bls-binding"),
-        "cryptography_version": package_version("cryptography"),
-        "python_pkcs11_version": package_version("python-pkcs11"),
-        "softhsm_version": softhsm_version(),
-    }
+def signing_machine_info() -> dict[str, Any]:
+    return machine_info(
+        py_ecc_version=package_version("py-ecc"),
+        milagro_version=package_version("milagro-bls-binding"),
+        cryptography_version=package_version("cryptography"),
+        python_pkcs11_version=package_version("python-pkcs11"),
+        softhsm_version=softhsm_version(),
+    )
 
 
 # --- HSM and P-256 ------------------------------------------------------------------------------
@@ -536,7 +504,7 @@ def main() -> None:
         **bls_result,
         **statement_result,
         "total_s": round(total_s, 1),
-        **machine_info(),
+        **signing_machine_info(),
     }
     print(json.dumps(result))
 
