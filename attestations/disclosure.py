@@ -35,6 +35,7 @@ from attestations.errors import (
     WrongStream,
 )
 from attestations.merkle import (
+    POSITION_LIMIT,
     InclusionProof,
     Leaf,
     SumTree,
@@ -61,7 +62,7 @@ _LEAF_KEYS: Final = frozenset({"account", "asset", "position", "quantity", "salt
 _CLIENT_PROOF_KEYS: Final = frozenset(
     {"account", "custodian", "exchange", "proof", "salt", "sequence", "statement", "version"}
 )
-MAX_POSITION: Final = 2**48 - 1
+MAX_POSITION: Final = POSITION_LIMIT - 1
 DISCLOSURE_VERSION: Final = 1
 MAX_DISCLOSED_LEAVES: Final = 16_000_000
 _CLEARED_KEYS: Final = frozenset({"asset", "position"})

@@ -33,7 +33,14 @@ from hashlib import sha256
 from operator import add, attrgetter
 from typing import Any, Final, TypeVar
 
-from attestations.amounts import check_units, format_units, parse_units, validate_asset_code
+from attestations.amounts import (
+    UNITS_LIMIT,
+    check_units,
+    format_units,
+    parse_units,
+    validate_asset_code,
+)
+from attestations.canonical import parse_hex
 from attestations.errors import (
     CounterpartyError,
     DecodeError,
@@ -80,7 +87,7 @@ HASH_SIZE: Final = 32
 SALT_SIZE: Final = 32
 SUM_SIZE: Final = 16
 """Quantities and sums are encoded as unsigned 128-bit big-endian integers."""
-SUM_LIMIT: Final = 2**128
+SUM_LIMIT: Final = UNITS_LIMIT
 """Exclusive upper bound of every quantity and every sum, at every level of the tree."""
 MAX_DEPTH: Final = 48
 POSITION_LIMIT: Final = 2**MAX_DEPTH
@@ -99,7 +106,6 @@ PROOF_VERSION: Final = 1
 """``version`` member of the wire form of an inclusion proof."""
 
 _ACCOUNT_RE: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
-_HEX_HASH_RE: Final = re.compile(r"[0-9a-f]{64}")
 _PROOF_KEYS: Final = frozenset({"version", "asset", "position", "depth", "quantity", "siblings"})
 _SIBLING_KEYS: Final = frozenset({"hash", "sum"})
 
@@ -959,10 +965,8 @@ def _require_members(obj: object, *, keys: frozenset[str], what: str) -> dict[st
 
 def _sibling_from_wire(obj: object, height: int) -> tuple[bytes, int]:
     members = _require_members(obj, keys=_SIBLING_KEYS, what=f"sibling {height}")
-    digest = members["hash"]
-    if not isinstance(digest, str) or not _HEX_HASH_RE.fullmatch(digest):
-        raise DecodeError(f"sibling {height} hash must be 64 lowercase hex digits")
-    return bytes.fromhex(digest), parse_units(members["sum"], what=f"sibling {height} sum")
+    digest = parse_hex(members["hash"], length=HASH_SIZE, what=f"sibling {height} hash")
+    return digest, parse_units(members["sum"], what=f"sibling {height} sum")
 
 
 def verify_inclusion(

@@ -20,6 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
 
+from attestations import p256
 from attestations.amounts import (
     MAX_DECIMALS,
     Price,
@@ -43,7 +44,7 @@ from attestations.merkle import MAX_DEPTH
 
 STATEMENT_VERSION: Final = 1
 SIGNED_STATEMENT_VERSION: Final = 1
-P256_ALGORITHM: Final = "ecdsa-p256-sha256"
+P256_ALGORITHM: Final = p256.ALGORITHM
 BLS_ALGORITHM: Final = "bls12381-g2-pop"
 GENESIS_PREVIOUS: Final = bytes(32)
 """The ``previous`` of sequence 1: 32 zero bytes."""

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Self
 
+from attestations.canonical import parse_hex
 from attestations.errors import (
     ConfigurationError,
     DecodeError,
@@ -85,7 +86,6 @@ MAX_TREE_SIZE: Final = 2**53 - 1
 MAX_PATH_LENGTH: Final = 64
 """Longest path accepted from the wire. A tree of at most 2**53 - 1 leaves needs at most 54."""
 
-_HEX_DIGITS: Final = frozenset("0123456789abcdef")
 _HEAD_KEYS: Final = frozenset({"size", "root"})
 _INCLUSION_KEYS: Final = frozenset({"index", "size", "path"})
 _CONSISTENCY_KEYS: Final = frozenset({"old_size", "new_size", "path"})
@@ -236,11 +236,7 @@ def _wire_object(obj: object, keys: frozenset[str], what: str) -> dict[str, obje
 
 
 def _parse_hash_hex(value: object, what: str) -> bytes:
-    # Strict: exactly 64 lowercase hex digits. bytes.fromhex alone would accept upper case and
-    # skip whitespace, so two different strings could decode to one hash.
-    if not isinstance(value, str) or len(value) != 2 * HASH_SIZE or not set(value) <= _HEX_DIGITS:
-        raise DecodeError(f"{what} must be {2 * HASH_SIZE} lowercase hex digits")
-    return bytes.fromhex(value)
+    return parse_hex(value, length=HASH_SIZE, what=what)
 
 
 def _parse_path(value: object) -> tuple[bytes, ...]:

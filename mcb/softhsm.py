@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Final
 
 from attestations.errors import ConfigurationError, TokenNotFound
+from attestations.hsm import DEFAULT_LIBRARY_PATH
 
-DEFAULT_LIBRARY: Final = "/usr/lib/softhsm/libsofthsm2.so"
+DEFAULT_LIBRARY: Final = DEFAULT_LIBRARY_PATH
 INSTALL_HINT: Final = "install it with: apt-get install -y softhsm2"
 
 
