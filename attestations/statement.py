@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
@@ -249,6 +249,9 @@ class Statement:
     assets: tuple[AssetRoot, ...]
     prices: tuple[PricePoint, ...]
     version: int = STATEMENT_VERSION
+    # The digest, computed on first use: signing, the replay check, the chain, the disclosure
+    # binding and the log all need it, and the object is immutable.
+    _digest: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         require_version(self.version, expected=STATEMENT_VERSION, what="statement")
@@ -342,7 +345,11 @@ class Statement:
 
     def compute_digest(self) -> bytes:
         """The 32 bytes both signatures cover: SHA-256("mcb/statement/v1" || 0x00 || JCS)."""
-        return compute_digest(domain=DOMAIN_STATEMENT, obj=self.to_wire())
+        digest = self._digest
+        if digest is None:
+            digest = compute_digest(domain=DOMAIN_STATEMENT, obj=self.to_wire())
+            object.__setattr__(self, "_digest", digest)  # frozen: set once, never changed
+        return digest
 
 
 # --- signatures ---------------------------------------------------------------------------------
