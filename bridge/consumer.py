@@ -1,7 +1,11 @@
 """The consumer base: at-least-once delivery from Kafka, exactly-once effect in the database.
 
 A subclass implements :meth:`ConsumerBase.apply` (its effect, written through the session it is
-given). The base:
+given) and may override :meth:`ConsumerBase.rejected` (what a refusal does besides the dead
+letter, written in the dead letter's transaction). Both may return an *after-commit* callable: the
+base calls it once that transaction committed, and never when it failed, which is how a service
+changes an in-memory model only after the database holds the change (plan, persist, commit,
+apply). The base:
 
 * decodes every record strictly (bridge/envelope.py); a record that does not decode, a chunk set
   that conflicts, or an ``apply`` that raises :class:`~attestations.errors.CounterpartyError` is a
@@ -22,13 +26,20 @@ given). The base:
   beginning and relies on the sequence to skip what it already applied. Nothing stalls, nothing
   is skipped;
 * retries a :class:`~attestations.errors.TransientError` (database or broker unavailable, also
-  from ``apply``) with bounded exponential back-off, without advancing.
+  from ``apply`` or ``rejected``) with bounded exponential back-off, without advancing;
+* holds ``effect_lock``, when given, from the start of each transaction that calls ``apply`` or
+  ``rejected`` until its after-commit callable returned: a service whose consumers, timers and API
+  all plan changes against one in-memory model passes one lock to all of them, so no change is
+  planned against a model another change is about to replace.
 
-An :class:`~attestations.errors.InvariantViolation` (a bug on our side) stops the consumer.
+An :class:`~attestations.errors.InvariantViolation` (a bug on our side) stops the consumer, and so
+does any exception raised by an after-commit callable (the database is then ahead of memory; a
+restart rebuilds memory from the database).
 
 What it does not do: verify statements (the subclass calls attestations.verify inside ``apply``
-and raises its CounterpartyError), or decide what a gap means (a subclass that sees one raises
-SequenceGap: the statement is dead-lettered and the exchange asks for a snapshot).
+and raises its CounterpartyError), or decide what a refusal means (a subclass that sees a gap
+raises SequenceGap from ``apply``; the statement is dead-lettered, and its ``rejected`` asks for a
+snapshot in the same transaction).
 """
 
 from __future__ import annotations
@@ -40,7 +51,8 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -64,7 +76,6 @@ from sqlalchemy.orm import Session
 
 from attestations.disclosure import LeafDisclosure
 from attestations.errors import (
-    BridgeError,
     ConfigurationError,
     CounterpartyError,
     TransientError,
@@ -97,6 +108,9 @@ DEFAULT_BACKOFF_INITIAL_S: Final = 0.05
 DEFAULT_BACKOFF_MAX_S: Final = 5.0
 DEFAULT_POSITION_CHECK_INTERVAL_S: Final = 30.0
 DEFAULT_FETCH_TIMEOUT_MS: Final = 100
+
+AfterCommit = Callable[[], None]
+"""What ``apply`` or ``rejected`` may return: run once, after their transaction committed."""
 
 progress_table: Final = Table(
     "consumer_progress",
@@ -235,6 +249,9 @@ class ConsumerBase(abc.ABC):
     backoff_initial_s: float = DEFAULT_BACKOFF_INITIAL_S
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
     position_check_interval_s: float = DEFAULT_POSITION_CHECK_INTERVAL_S
+    effect_lock: AbstractContextManager[object] | None = None
+    """Held around each effect transaction and its after-commit callable (a ``threading.Lock``
+    shared by everything that changes the same in-memory model); None: no lock."""
     metrics: ConsumerMetrics = field(default_factory=ConsumerMetrics)
 
     def __post_init__(self) -> None:
@@ -253,9 +270,25 @@ class ConsumerBase(abc.ABC):
         self._assigned: set[TopicPartition] = set()
 
     @abc.abstractmethod
-    def apply(self, session: Session, delivery: Delivery) -> None:
+    def apply(self, session: Session, delivery: Delivery) -> AfterCommit | None:
         """The effect of one message, written through ``session`` (do not commit). Raise a
-        CounterpartyError to dead-letter the message, a TransientError to have it retried."""
+        CounterpartyError to dead-letter the message, a TransientError to have it retried.
+
+        May return a callable, run once after the transaction committed (never if it failed or
+        was retried: a retry calls ``apply`` again and runs what that call returns)."""
+
+    def rejected(
+        self, session: Session, delivery: Delivery | None, error: CounterpartyError
+    ) -> AfterCommit | None:
+        """What refusing a message does besides the dead letter, written through ``session``
+        *inside* the transaction that records the dead letter and advances the offset (so, for
+        example, freezing a stream or asking for a snapshot commits exactly when the refusal
+        does). ``delivery`` is what ``apply`` refused with ``error``, or None when the record
+        did not even decode (``error`` then says why). Must not raise a CounterpartyError; a
+        TransientError is retried (the dead letter may then be published twice). May return an
+        after-commit callable, like ``apply``. Does nothing by default."""
+        del session, delivery, error
+        return None
 
     # --- progress -------------------------------------------------------------------------------
 
@@ -546,7 +579,9 @@ class ConsumerBase(abc.ABC):
             except CounterpartyError as exc:
                 # Dead-letter the record the subclass refused (the statement, for an entry) and
                 # advance past the record that completed it.
-                await self._dead_letter(producer, tp, origin, exc, progress_record=record)
+                await self._dead_letter(
+                    producer, tp, origin, exc, progress_record=record, delivery=delivery
+                )
                 return
             except TransientError as exc:
                 self.metrics.retries += 1
@@ -573,14 +608,15 @@ class ConsumerBase(abc.ABC):
     ) -> bool:
         committable = self._committable(tp, record.offset)
 
-        def work(session: Session) -> bool:
+        def work(session: Session) -> tuple[bool, AfterCommit | None]:
+            after: AfterCommit | None
             if delivery.stream is not None and delivery.sequence is not None:
                 stored = _load_sequence(
                     session, consumer=self.name, stream=delivery.stream, lock=True
                 )
                 if stored is not None and delivery.sequence <= stored:
-                    return False
-                self.apply(session, delivery)
+                    return False, None
+                after = self.apply(session, delivery)
                 digest = None
                 if isinstance(delivery.message.body, SignedStatement):
                     digest = delivery.message.body.digest.hex()
@@ -595,11 +631,20 @@ class ConsumerBase(abc.ABC):
                     },
                 )
             else:
-                self.apply(session, delivery)
+                after = self.apply(session, delivery)
             self._store_offset(session, tp, committable, record)
-            return True
+            return True, after
 
-        return run_transaction(self.engine, work, what=f"applying {tp.topic}/{record.offset}")
+        with self._effect_lock():
+            applied, after = run_transaction(
+                self.engine, work, what=f"applying {tp.topic}/{record.offset}"
+            )
+            if after is not None:
+                after()
+        return applied
+
+    def _effect_lock(self) -> AbstractContextManager[object]:
+        return contextlib.nullcontext() if self.effect_lock is None else self.effect_lock
 
     def _store_offset(
         self,
@@ -632,12 +677,15 @@ class ConsumerBase(abc.ABC):
         producer: AIOKafkaProducer,
         tp: TopicPartition,
         record: ConsumerRecord[bytes, bytes],
-        error: BridgeError,
+        error: CounterpartyError,
         *,
         progress_record: ConsumerRecord[bytes, bytes] | None = None,
+        delivery: Delivery | None = None,
     ) -> None:
-        """Publish ``record`` as a dead letter, then record it and advance the offset in one
-        transaction. A failed publication raises BrokerUnavailable: nothing advances."""
+        """Publish ``record`` as a dead letter, then record it, let :meth:`rejected` write its
+        effect and advance the offset in one transaction, and run the after-commit callable
+        ``rejected`` returned. A failed publication raises BrokerUnavailable: nothing
+        advances."""
         advance = progress_record or record
         fingerprint = compute_record_fingerprint(record.key, record.value)
         if await asyncio.to_thread(self._is_dead_lettered, record, fingerprint):
@@ -669,7 +717,7 @@ class ConsumerBase(abc.ABC):
         )
         committable = self._committable(tp, advance.offset)
 
-        def work(session: Session) -> None:
+        def work(session: Session) -> AfterCommit | None:
             session.connection().execute(
                 insert(dead_letters_table).values(
                     consumer=self.name,
@@ -685,9 +733,17 @@ class ConsumerBase(abc.ABC):
                     recorded_at=datetime.now(UTC),
                 )
             )
+            after = self.rejected(session, delivery, error)
             self._store_offset(session, tp, committable, advance)
+            return after
 
-        await asyncio.to_thread(run_transaction, self.engine, work, what="recording a dead letter")
+        def record_and_follow_up() -> None:
+            with self._effect_lock():
+                after = run_transaction(self.engine, work, what="recording a dead letter")
+                if after is not None:
+                    after()
+
+        await asyncio.to_thread(record_and_follow_up)
         self.metrics.dead_letters += 1
 
     def _is_dead_lettered(self, record: ConsumerRecord[bytes, bytes], fingerprint: str) -> bool:

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
 from aiokafka import TopicPartition
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session
 
-from attestations.errors import SequenceGap, TransientError
+from attestations.errors import CounterpartyError, SequenceGap, TransientError
 from bridge import migrations
-from bridge.consumer import ConsumerBase, Delivery, progress_table
+from bridge.consumer import AfterCommit, ConsumerBase, Delivery, progress_table
 from bridge.envelope import OutboundMessage, decode_message
 from bridge.kafka import KafkaSettings, ensure_topics, open_consumer, open_producer, publish
 from bridge.outbox import OutboxRelay, create_bridge_engine, run_transaction
@@ -50,15 +51,44 @@ def effects(engine: Engine) -> list[tuple[int, int]]:
     return [(int(s), int(n)) for s, n in rows]
 
 
+def committed_rows(engine: Engine, sequence: int) -> int:
+    """Rows of ``sequence`` in test_effects as another connection sees them (committed only)."""
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                text("SELECT COUNT(*) FROM test_effects WHERE sequence = :s"), {"s": sequence}
+            ).scalar_one()
+        )
+
+
+def fail_commit_once(session: Session) -> None:
+    """Make this session's commit fail after the effect was written (the transaction rolls
+    back), as a database that goes away between the writes and the commit would."""
+
+    def refuse(_: Session) -> None:
+        raise TransientError("the commit failed")
+
+    event.listen(session, "before_commit", refuse, once=True)
+
+
 @dataclass
 class RecordingConsumer(ConsumerBase):
-    """Writes one row per applied statement; can fail on demand."""
+    """Writes one row per applied statement; can fail on demand. With ``follow_up``, every
+    refusal also writes a row (the negated sequence; -1 for a record that did not decode), and
+    every effect and refusal returns an after-commit callable that notes, in ``followed_up``,
+    what it followed and whether the effect's row was committed when it ran."""
 
     refuse: set[int] = field(default_factory=set)
     transient_failures: int = 0
+    failed_commits: int = 0
+    failed_refusal_commits: int = 0
+    follow_up: bool = False
     attempts: int = 0
+    rejections: list[tuple[int | None, str]] = field(default_factory=list)
+    followed_up: list[tuple[str, int, int, bool]] = field(default_factory=list)
+    """(what, row sequence, committed rows of it, effect lock held)"""
 
-    def apply(self, session: Session, delivery: Delivery) -> None:
+    def apply(self, session: Session, delivery: Delivery) -> AfterCommit | None:
         self.attempts += 1
         if delivery.sequence in self.refuse:
             raise SequenceGap(f"sequence {delivery.sequence} refused by the test")
@@ -66,14 +96,48 @@ class RecordingConsumer(ConsumerBase):
             self.transient_failures -= 1
             raise TransientError("the test's database is busy")
         disclosure = delivery.disclosure
+        sequence = delivery.sequence or 0
         session.connection().execute(
             text("INSERT INTO test_effects VALUES (:stream, :sequence, :leaves)"),
             {
                 "stream": delivery.stream,
-                "sequence": delivery.sequence,
+                "sequence": sequence,
                 "leaves": 0 if disclosure is None else len(disclosure.set_leaves),
             },
         )
+        if self.failed_commits > 0:
+            self.failed_commits -= 1
+            fail_commit_once(session)
+        return self._follow_up("applied", sequence, attempt=self.attempts)
+
+    def rejected(
+        self, session: Session, delivery: Delivery | None, error: CounterpartyError
+    ) -> AfterCommit | None:
+        self.rejections.append((None if delivery is None else delivery.sequence, error.reason))
+        if not self.follow_up:
+            return None  # the base's behaviour: the dead letter only
+        sequence = -1 if delivery is None else -(delivery.sequence or 0)
+        session.connection().execute(
+            text("INSERT INTO test_effects VALUES (:stream, :sequence, 0)"),
+            {"stream": STREAM, "sequence": sequence},
+        )
+        if self.failed_refusal_commits > 0:
+            self.failed_refusal_commits -= 1
+            fail_commit_once(session)
+        return self._follow_up("rejected", sequence, attempt=len(self.rejections))
+
+    def _follow_up(self, what: str, sequence: int, *, attempt: int) -> AfterCommit | None:
+        if not self.follow_up:
+            return None
+        lock = self.effect_lock
+
+        def run() -> None:
+            held = isinstance(lock, type(threading.Lock())) and lock.locked()
+            self.followed_up.append(
+                (f"{what}#{attempt}", sequence, committed_rows(self.engine, sequence), held)
+            )
+
+        return run
 
 
 def new_catalogue() -> TopicCatalogue:
@@ -385,3 +449,96 @@ async def test_consumer_group_assignment_seeks_to_the_stored_offset(
 def test_partition_keys_are_topic_partitions() -> None:
     # TopicPartition is what stored_offsets() returns: a named tuple, usable as a dict key.
     assert TopicPartition("a", 0) == TopicPartition("a", 0)
+
+
+# --- after-commit callables and the rejection hook -----------------------------------------------
+
+
+async def test_the_after_commit_callable_runs_once_after_the_commit(
+    engine: Engine, kafka_settings: KafkaSettings
+) -> None:
+    catalogue = new_catalogue()
+    await topics_ready(kafka_settings, catalogue)
+    entries = [m for s in (1, 2) for m in entry_messages(s, catalogue=catalogue)]
+    await publish_all(kafka_settings, entries + entries)  # duplicates: no effect, no callable
+    lock = threading.Lock()
+    consumer = make_consumer(engine, kafka_settings, catalogue, follow_up=True, effect_lock=lock)
+    async with running(consumer):
+        await eventually(lambda: consumer.stored_sequence(STREAM) == 2)
+        await eventually(lambda: consumer.metrics.duplicates >= 2)
+    # Each ran once, saw its effect committed, and ran under the effect lock.
+    assert consumer.followed_up == [("applied#1", 1, 1, True), ("applied#2", 2, 1, True)]
+    assert not lock.locked()
+
+
+async def test_the_after_commit_callable_does_not_run_when_the_transaction_fails(
+    engine: Engine, kafka_settings: KafkaSettings
+) -> None:
+    catalogue = new_catalogue()
+    await topics_ready(kafka_settings, catalogue)
+    await publish_all(kafka_settings, entry_messages(1, catalogue=catalogue))
+    consumer = make_consumer(engine, kafka_settings, catalogue, follow_up=True, failed_commits=2)
+    async with running(consumer):
+        await eventually(lambda: consumer.stored_sequence(STREAM) == 1)
+    # Attempts 1 and 2 wrote their effect and returned a callable, but their commit failed: the
+    # effect was rolled back and neither callable ran. Attempt 3 committed; only its callable ran.
+    assert consumer.attempts == 3
+    assert consumer.followed_up == [("applied#3", 1, 1, False)]
+    assert effects(engine) == [(1, 5)]
+    assert consumer.metrics.retries == 2
+
+
+async def test_rejected_writes_in_the_dead_letters_transaction(
+    engine: Engine, kafka_settings: KafkaSettings
+) -> None:
+    catalogue = new_catalogue()
+    await topics_ready(kafka_settings, catalogue)
+    topic = catalogue.name(TopicKind.ATTESTATIONS)
+    garbage = OutboundMessage(
+        topic=topic, key=STREAM.encode(), value=b"not a statement", headers=(("x", b"1"),)
+    )
+    entries = [m for s in (1, 2, 3) for m in entry_messages(s, catalogue=catalogue)]
+    await publish_all(kafka_settings, [*entries[:2], garbage, *entries[2:]])
+    consumer = make_consumer(engine, kafka_settings, catalogue, refuse={2}, follow_up=True)
+    async with running(consumer):
+        await eventually(lambda: consumer.stored_sequence(STREAM) == 3)
+    # The record that did not decode reaches rejected() without a delivery; the statement
+    # apply() refused with its delivery and the error.
+    assert consumer.rejections == [(None, "bad_header"), (2, "sequence_gap")]
+    assert effects(engine) == [(-2, 0), (-1, 0), (1, 5), (3, 0)]
+    assert [f for f in consumer.followed_up if f[0].startswith("rejected")] == [
+        ("rejected#1", -1, 1, False),
+        ("rejected#2", -2, 1, False),
+    ]
+    with engine.connect() as connection:
+        reasons = connection.execute(
+            text("SELECT reason FROM consumer_dead_letters ORDER BY id")
+        ).all()
+    assert [r for (r,) in reasons] == ["bad_header", "sequence_gap"]
+
+
+async def test_a_failed_refusal_commits_nothing_and_is_done_again(
+    engine: Engine, kafka_settings: KafkaSettings
+) -> None:
+    """The rejection's effect, the dead-letter row and the offset advance are one transaction:
+    when it fails, none of them is kept, the callable does not run, and the record is refused
+    again (its dead letter published a second time: at least once)."""
+    catalogue = new_catalogue()
+    await topics_ready(kafka_settings, catalogue)
+    entries = [m for s in (1, 2, 3) for m in entry_messages(s, catalogue=catalogue)]
+    await publish_all(kafka_settings, entries)
+    consumer = make_consumer(
+        engine, kafka_settings, catalogue, refuse={2}, follow_up=True, failed_refusal_commits=1
+    )
+    async with running(consumer):
+        await eventually(lambda: consumer.stored_sequence(STREAM) == 3)
+    assert consumer.rejections == [(2, "sequence_gap"), (2, "sequence_gap")]
+    assert effects(engine) == [(-2, 0), (1, 5), (3, 0)]
+    assert [f for f in consumer.followed_up if f[0].startswith("rejected")] == [
+        ("rejected#2", -2, 1, False)
+    ]
+    with engine.connect() as connection:
+        (count,) = connection.execute(text("SELECT COUNT(*) FROM consumer_dead_letters")).one()
+    assert count == 1
+    letters = await read_topic(kafka_settings, catalogue.name(TopicKind.DEAD_LETTERS), count=2)
+    assert len(letters) == 2
