@@ -5,10 +5,10 @@ Prometheus metrics. Every body is the canonical (RFC 8785) wire form of the obje
 
 The module has a pure part and a thin I/O part:
 
-* Pure, testable without a server: bearer-token authentication against a :class:`TokenStore`
-  (tokens kept only as SHA-256 hashes, compared with :func:`hmac.compare_digest`), the
-  :class:`Principal` a token stands for, :func:`authorize` (one table of who may read what),
-  the ``parse_*`` functions for path and query values, and :func:`format_metrics`.
+* Pure, testable without a server: the :class:`Principal` a bearer token stands for (tokens
+  are kept as SHA-256 hashes by the :class:`TokenStore` of bridge/http.py, the HTTP edge this
+  API shares with the exchange's), :func:`authorize` (one table of who may read what), the
+  ``parse_*`` functions for path and query values, and :func:`format_metrics`.
 * I/O: ``fetch_*`` functions that read the statements table, the service's in-memory trees and
   the transparency log, and :func:`create_app` / :func:`run_server`.
 
@@ -42,52 +42,75 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
-import hmac
 import logging
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
-from sqlalchemy import Engine, func, select, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from attestations.amounts import validate_asset_code
-from attestations.canonical import compute_canonical_bytes
 from attestations.checkpoint import Checkpoint, SignedCheckpoint, sign_checkpoint
 from attestations.disclosure import ClientProof
-from attestations.errors import (
-    ConfigurationError,
-    CounterpartyError,
-    DecodeError,
-    TransientError,
-)
+from attestations.errors import ConfigurationError, DecodeError, TransientError
 from attestations.merkle import validate_account
 from attestations.p256 import DigestSigner
 from attestations.statement import MAX_SEQUENCE, validate_party
 from attestations.translog import MAX_TREE_SIZE, TransparencyLog
+from bridge import http
+from bridge.http import (
+    MIN_TOKEN_CHARS,
+    ApiError,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    check_database,
+    compute_problem_body,
+    compute_token_hash,
+    parse_decimal,
+    parse_query,
+)
 from bridge.outbox import run_transaction
 from custodian.service import AttestationService, statements_table
+
+__all__ = [
+    "MIN_TOKEN_CHARS",
+    "ROUTES",
+    "Action",
+    "ApiError",
+    "BadRequest",
+    "Forbidden",
+    "NotFound",
+    "Principal",
+    "Role",
+    "StreamStats",
+    "TokenStore",
+    "Unauthorized",
+    "authenticate",
+    "authorize",
+    "check_database",
+    "compute_problem_body",
+    "compute_token_hash",
+    "create_app",
+    "format_metrics",
+    "parse_bearer",
+    "parse_decimal",
+    "parse_query",
+    "parse_sequence",
+    "run_server",
+]
 
 logger = logging.getLogger(__name__)
 
 REALM: Final = "mcb-custodian"
-MIN_TOKEN_CHARS: Final = 32
-"""Shortest token accepted into a store: 32 characters of base64url carry 192 bits."""
 DEFAULT_CHECKPOINT_MAX_AGE_S: Final = 60.0
 DEFAULT_CLIENT_MAX_SIZE: Final = 16 * 1024
 """Every endpoint is a GET; a request body this large is already a mistake (413)."""
-
-_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 b64token
-_DECIMAL_RE: Final = re.compile(r"0|[1-9][0-9]*")
-_MAX_DECIMAL_CHARS: Final = 16  # MAX_SEQUENCE and MAX_TREE_SIZE have 16 digits
-_HASH_HEX_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
 # --- principals and tokens ----------------------------------------------------------------------
@@ -124,131 +147,20 @@ class Principal:
 
     @classmethod
     def parse(cls, value: str) -> Principal:
-        role, _, subject = value.partition(":")
-        if role not in Role.__members__.values():
-            raise ConfigurationError(f"principal {value[:70]!r}: unknown role {role[:20]!r}")
-        if Role(role) is Role.OPERATOR:
-            if subject:
-                raise ConfigurationError("the operator principal is written 'operator'")
-            return cls(Role.OPERATOR)
-        return cls(Role(role), subject)
+        role, subject = http.split_principal(
+            value, Role, without_subject=frozenset({Role.OPERATOR})
+        )
+        return cls(role, subject)
 
     def __str__(self) -> str:
         return self.role.value if self.subject is None else f"{self.role}:{self.subject}"
 
 
-def compute_token_hash(token: str) -> bytes:
-    """SHA-256 of the token's UTF-8 bytes: what a :class:`TokenStore` keeps instead of it."""
-    return hashlib.sha256(token.encode("utf-8")).digest()
+class TokenStore(http.TokenStore[Principal]):
+    """The custodian API's tokens: ``<sha256 hex> <principal>`` lines (bridge/http.py)."""
 
-
-class TokenStore:
-    """Bearer tokens, kept only as SHA-256 hashes, each mapped to one :class:`Principal`.
-
-    The token file (:meth:`load`) has one ``<sha256 hex> <principal>`` per line; blank lines and
-    lines starting with ``#`` are ignored. A stolen file does not reveal the tokens."""
-
-    def __init__(self) -> None:
-        self._entries: list[tuple[bytes, Principal]] = []
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def add_hash(self, digest: bytes, principal: Principal) -> None:
-        if not isinstance(digest, bytes) or len(digest) != 32:
-            raise ConfigurationError("a token hash is 32 bytes of SHA-256")
-        if any(hmac.compare_digest(digest, known) for known, _ in self._entries):
-            raise ConfigurationError("the same token is listed twice")
-        self._entries.append((digest, principal))
-
-    def add(self, token: str, principal: Principal) -> None:
-        """Accept ``token`` for ``principal`` (tests and tools; production loads hashes)."""
-        if len(token) < MIN_TOKEN_CHARS or not _TOKEN_RE.fullmatch(token):
-            raise ConfigurationError(
-                f"a token is at least {MIN_TOKEN_CHARS} characters of [A-Za-z0-9._~+/-]"
-            )
-        self.add_hash(compute_token_hash(token), principal)
-
-    @classmethod
-    def from_lines(cls, lines: Iterable[str]) -> TokenStore:
-        store = cls()
-        for number, raw in enumerate(lines, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            digest, _, principal = line.partition(" ")
-            if not _HASH_HEX_RE.fullmatch(digest):
-                raise ConfigurationError(f"token file line {number}: expected '<sha256 hex> ...'")
-            store.add_hash(bytes.fromhex(digest), Principal.parse(principal.strip()))
-        return store
-
-    @classmethod
-    def load(cls, path: Path) -> TokenStore:
-        try:
-            content = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read the token file {path}: {exc}") from exc
-        return cls.from_lines(content.splitlines())
-
-    def authenticate(self, token: str) -> Principal | None:
-        """The principal of ``token``, or None. Compares against every entry, without stopping
-        at a match, so the time taken does not tell which entry matched."""
-        candidate = compute_token_hash(token)
-        found: Principal | None = None
-        for digest, principal in self._entries:
-            if hmac.compare_digest(digest, candidate) and found is None:
-                found = principal
-        return found
-
-
-# --- errors as HTTP answers ---------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """An answer other than 2xx, with its JSON body ``{"error": reason, "detail": text}``."""
-
-    status: int = 400
-    reason: str = "bad_request"
-
-    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.headers = dict(headers or {})
-
-
-class BadRequest(ApiError):
-    status = 400
-    reason = "bad_request"
-
-
-class Unauthorized(ApiError):
-    status = 401
-    reason = "unauthorized"
-
-
-class Forbidden(ApiError):
-    status = 403
-    reason = "forbidden"
-
-
-class NotFound(ApiError):
-    status = 404
-    reason = "not_found"
-
-
-def compute_problem_body(reason: str, detail: str) -> bytes:
-    return compute_canonical_bytes({"detail": detail, "error": reason})
-
-
-def _problem(
-    status: int, reason: str, detail: str, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=compute_problem_body(reason, detail),
-        content_type="application/json",
-        headers=dict(headers or {}),
-    )
+    def parse_principal(self, value: str) -> Principal:
+        return Principal.parse(value)
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -256,59 +168,23 @@ def _problem(
 
 def parse_bearer(header: str | None) -> str:
     """The token of an ``Authorization: Bearer <token>`` header; Unauthorized otherwise."""
-    if header is None:
-        raise Unauthorized(
-            "this endpoint needs a bearer token",
-            headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'},
-        )
-    scheme, _, token = header.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not _TOKEN_RE.fullmatch(token):
-        raise Unauthorized(
-            "the Authorization header must be 'Bearer <token>'",
-            headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_request"'},
-        )
-    return token
+    return http.parse_bearer(header, realm=REALM)
 
 
 def authenticate(tokens: TokenStore, header: str | None) -> Principal:
-    principal = tokens.authenticate(parse_bearer(header))
-    if principal is None:
-        raise Unauthorized(
-            "unknown or revoked token",
-            headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_token"'},
-        )
-    return principal
-
-
-def _as_bad_request(parse: Callable[[], str], what: str) -> str:
-    try:
-        return parse()
-    except DecodeError as exc:
-        raise BadRequest(f"{what}: {exc}") from exc
+    return http.authenticate(tokens, header, realm=REALM)
 
 
 def parse_exchange(value: str) -> str:
-    return _as_bad_request(lambda: validate_party(value, what="exchange"), "exchange")
+    return http.as_bad_request(lambda: validate_party(value, what="exchange"), "exchange")
 
 
 def parse_account(value: str) -> str:
-    return _as_bad_request(lambda: validate_account(value), "account")
+    return http.as_bad_request(lambda: validate_account(value), "account")
 
 
 def parse_asset(value: str) -> str:
-    return _as_bad_request(lambda: validate_asset_code(value), "asset")
-
-
-def parse_decimal(value: str, *, what: str, low: int, high: int) -> int:
-    """A decimal integer in ``[low, high]`` written without sign or leading zeros. The length is
-    checked before :func:`int` so a huge string costs nothing."""
-    if len(value) > _MAX_DECIMAL_CHARS or not _DECIMAL_RE.fullmatch(value):
-        raise BadRequest(f"{what} {value[:24]!r} must be a decimal integer in {low}..{high}")
-    number = int(value)
-    if not low <= number <= high:
-        raise BadRequest(f"{what} {number} outside {low}..{high}")
-    return number
+    return http.as_bad_request(lambda: validate_asset_code(value), "asset")
 
 
 def parse_sequence(value: str) -> int:
@@ -317,18 +193,6 @@ def parse_sequence(value: str) -> int:
 
 def parse_tree_size(value: str, *, what: str) -> int:
     return parse_decimal(value, what=what, low=0, high=MAX_TREE_SIZE)
-
-
-def parse_query(query: Mapping[str, str], *, allowed: frozenset[str]) -> dict[str, str]:
-    """The query parameters, refusing unknown and repeated ones (a typo must not pass silently
-    as the default)."""
-    keys = set(query)
-    if unknown := sorted(keys - allowed):
-        raise BadRequest(f"unknown query parameters {unknown[:5]}; allowed {sorted(allowed)}")
-    # A multidict iterates each key once but counts every value.
-    if len(query) != len(keys):
-        raise BadRequest("a query parameter is repeated")
-    return {key: query[key] for key in keys}
 
 
 # --- authorization ------------------------------------------------------------------------------
@@ -361,10 +225,7 @@ def authorize(
     if not allowed:
         target = f" of {account}" if action is Action.READ_PROOF else ""
         where = f" on stream {exchange}" if exchange is not None else ""
-        raise Forbidden(
-            f"{principal} may not {action.value}{target}{where}",
-            headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_scope"'},
-        )
+        raise http.forbidden(f"{principal} may not {action.value}{target}{where}", realm=REALM)
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -379,52 +240,46 @@ class StreamStats:
     log_size: int
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(**labels: str) -> str:
-    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items()) + "}"
-
-
 def format_metrics(
     requests: Mapping[tuple[str, int], int], *, stats: StreamStats | None, now: datetime
 ) -> str:
     """Prometheus text exposition (format 0.0.4) of the request counters and, when the database
     answered (``stats`` is not None), the stream's statement metrics."""
-    lines = [
-        "# HELP mcb_api_requests_total HTTP requests answered, by endpoint and status.",
-        "# TYPE mcb_api_requests_total counter",
-    ]
-    for (endpoint, status), count in sorted(requests.items()):
-        lines.append(
-            f"mcb_api_requests_total{_labels(endpoint=endpoint, status=str(status))} {count}"
-        )
-    lines += [
-        "# HELP mcb_database_up Whether the database answered this scrape.",
-        "# TYPE mcb_database_up gauge",
-        f"mcb_database_up {0 if stats is None else 1}",
-    ]
+    lines = http.format_request_counters(requests)
+    lines += http.format_family(
+        "mcb_database_up",
+        "gauge",
+        "Whether the database answered this scrape.",
+        [({}, 0 if stats is None else 1)],
+    )
     if stats is not None:
-        stream = _labels(stream=stats.stream)
-        lines += [
-            "# HELP mcb_statements_published_total Statements stored for the stream.",
-            "# TYPE mcb_statements_published_total counter",
-            f"mcb_statements_published_total{stream} {stats.statements}",
-            "# HELP mcb_statement_last_sequence Sequence of the stream's latest statement.",
-            "# TYPE mcb_statement_last_sequence gauge",
-            f"mcb_statement_last_sequence{stream} {stats.last_sequence}",
-            "# HELP mcb_transparency_log_size Entries in the stream's transparency log.",
-            "# TYPE mcb_transparency_log_size gauge",
-            f"mcb_transparency_log_size{stream} {stats.log_size}",
-        ]
+        stream = {"stream": stats.stream}
+        lines += http.format_family(
+            "mcb_statements_published_total",
+            "counter",
+            "Statements stored for the stream.",
+            [(stream, stats.statements)],
+        )
+        lines += http.format_family(
+            "mcb_statement_last_sequence",
+            "gauge",
+            "Sequence of the stream's latest statement.",
+            [(stream, stats.last_sequence)],
+        )
+        lines += http.format_family(
+            "mcb_transparency_log_size",
+            "gauge",
+            "Entries in the stream's transparency log.",
+            [(stream, stats.log_size)],
+        )
         if stats.last_issued_at is not None:
             age_s = max(0.0, (now - stats.last_issued_at).total_seconds())
-            lines += [
-                "# HELP mcb_statement_age_seconds Seconds since the latest statement was issued.",
-                "# TYPE mcb_statement_age_seconds gauge",
-                f"mcb_statement_age_seconds{stream} {age_s:.3f}",
-            ]
+            lines += http.format_family(
+                "mcb_statement_age_seconds",
+                "gauge",
+                "Seconds since the latest statement was issued.",
+                [(stream, age_s)],
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -490,15 +345,6 @@ def fetch_stream_stats(engine: Engine, *, stream: str, log: TransparencyLog) -> 
     return StreamStats(stream, count, last or 0, issued_at, log.size)
 
 
-def check_database(engine: Engine) -> None:
-    """Raise TransientError unless the database answers ``SELECT 1``."""
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except SQLAlchemyError as exc:
-        raise TransientError(f"database unreachable: {type(exc).__name__}") from exc
-
-
 def fetch_client_proof(
     service: AttestationService, *, account: str, asset: str
 ) -> tuple[int, ClientProof | None]:
@@ -512,9 +358,7 @@ def fetch_client_proof(
 
 
 def _json(obj: Mapping[str, Any], *, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status, body=compute_canonical_bytes(obj), content_type="application/json"
-    )
+    return http.json_response(obj, status=status)
 
 
 def _utc_now() -> datetime:
@@ -704,40 +548,7 @@ class _Api:
             logger.warning("metrics: %s", exc)
             stats = None
         body = format_metrics(self.requests, stats=stats, now=self.clock())
-        return web.Response(
-            text=body, content_type="text/plain", headers={"X-Content-Type-Options": "nosniff"}
-        )
-
-    # --- errors and counting --------------------------------------------------------------------
-
-    @web.middleware
-    async def middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Any]
-    ) -> web.StreamResponse:
-        response: web.StreamResponse
-        try:
-            response = await handler(request)
-        except ApiError as exc:
-            response = _problem(exc.status, exc.reason, exc.detail, exc.headers)
-        except web.HTTPException as exc:
-            # aiohttp's own answers (unknown path 404, 405 with Allow, 413): same JSON shape.
-            if exc.status < 400:
-                raise
-            reason = (exc.reason or "error").lower().replace(" ", "_")
-            headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-            response = _problem(exc.status, reason, exc.reason or "", headers)
-        except CounterpartyError as exc:
-            response = _problem(400, exc.reason, str(exc))
-        except TransientError as exc:
-            logger.warning("%s %s: %s", request.method, request.path, exc)
-            response = _problem(503, exc.reason, "try again later", {"Retry-After": "1"})
-        except Exception:
-            logger.exception("%s %s failed", request.method, request.path)
-            response = _problem(500, "internal", "the custodian could not answer; see its log")
-        resource = request.match_info.route.resource
-        endpoint = resource.canonical if resource is not None else "unmatched"
-        self.requests[(endpoint, response.status)] += 1
-        return response
+        return http.text_response(body)
 
 
 _API: Final = web.AppKey("custodian_api", _Api)
@@ -783,7 +594,8 @@ def create_app(
         metrics_open=metrics_open,
         checkpoint_max_age_s=checkpoint_max_age_s,
     )
-    app = web.Application(middlewares=[api.middleware], client_max_size=client_max_size)
+    middleware = http.create_problem_middleware(api.requests, service="custodian")
+    app = web.Application(middlewares=[middleware], client_max_size=client_max_size)
     app[_API] = api
     for path, name in ROUTES:
         app.router.add_get(path, getattr(api, name), name=name, allow_head=False)
@@ -802,14 +614,12 @@ async def run_server(
     """Serve ``app`` on ``host``:``port`` until ``stop`` is set (or the task is cancelled), then
     close the listener and wait up to ``shutdown_timeout_s`` for requests in flight.
     ``on_ready`` receives the bound addresses (useful with port 0)."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        logger.info("custodian API listening on %s", runner.addresses)
-        if on_ready is not None:
-            on_ready(list(runner.addresses))
-        await (stop or asyncio.Event()).wait()
-    finally:
-        await runner.cleanup()
+    await http.run_server(
+        app,
+        host,
+        port,
+        stop=stop,
+        on_ready=on_ready,
+        shutdown_timeout_s=shutdown_timeout_s,
+        name="custodian API",
+    )
