@@ -22,7 +22,9 @@ the protocol (docs/protocol.md section 7):
    rejected from its revocation on, whatever date it writes);
 5. time: future-dated beyond the skew window, expired, lifetime longer than policy, a price
    observed in the future;
-6. chain: fork, replay, gap, broken chain;
+6. chain: fork, replay, gap, broken chain; or, when the receiver asked for a snapshot
+   (``resync_from``), a resynchronisation: a snapshot at or above the requested sequence is
+   accepted without linking to the head (every other check still applies);
 7. leaves: the disclosure rebuilds (snapshot) or updates (delta) the receiver's trees to exactly
    the signed roots, totals, counts and depths, with the receiver's asset decimals.
 
@@ -46,6 +48,7 @@ from attestations.errors import (
     Expired,
     ForkDetected,
     FutureDated,
+    InvariantViolation,
     MissingQuorum,
     PolicyViolation,
     SequenceGap,
@@ -111,6 +114,10 @@ class VerifiedStatement:
     digest: bytes
     head: ChainHead
     trees_plan: TreesPlan = field(repr=False, compare=False)
+    resynchronised: bool = False
+    """True when the statement was accepted as a resynchronisation: a snapshot that does not
+    link to the previous head (the sequences in between are unverified links, to be checked
+    against the transparency log). False for a statement that extends the head."""
 
     @property
     def statement(self) -> Statement:
@@ -156,6 +163,7 @@ def verify_statement(
     history: Mapping[int, bytes] | None = None,
     policy: VerificationPolicy = VerificationPolicy(),
     max_bytes: int = MAX_MESSAGE_BYTES,
+    resync_from: int | None = None,
 ) -> VerifiedStatement:
     """Verify ``message`` completely or raise; change nothing.
 
@@ -164,8 +172,19 @@ def verify_statement(
     there, so that a different statement at an old sequence is reported as the fork it is.
     ``receiver`` holds the trees of the last accepted statement and ``disclosure`` the leaves
     that came with this one.
+
+    ``resync_from`` is given while the receiver waits for the snapshot it asked for after a
+    gap (the first sequence it is missing): a *snapshot* with ``sequence >= resync_from`` and
+    ``sequence > head.sequence`` is then accepted although it skips sequences or does not name
+    the head as its ``previous`` (:attr:`VerifiedStatement.resynchronised`). Everything else is
+    checked as always, including that it is not dated before the head; a snapshot right after
+    the head must still link to it (a mismatch there proves a fork), and a delta still gaps.
     """
     require_utc(now, what="now")
+    if resync_from is not None and (
+        isinstance(resync_from, bool) or not isinstance(resync_from, int) or resync_from < 1
+    ):
+        raise InvariantViolation(f"resync_from must be a positive integer, not {resync_from!r}")
     signed = _decode(message, max_bytes=max_bytes)
     statement = signed.statement
     digest = statement.compute_digest()
@@ -176,7 +195,9 @@ def verify_statement(
     authenticate_statement(
         signed, custodian=custodian, exchange=exchange, registry=registry, now=now, policy=policy
     )
-    _verify_chain(statement, digest=digest, head=head, history=history)
+    resynchronised = _verify_chain(
+        statement, digest=digest, head=head, history=history, resync_from=resync_from
+    )
     plan = receiver.plan(statement, disclosure)
     new_head = ChainHead(
         custodian=statement.custodian,
@@ -185,7 +206,13 @@ def verify_statement(
         digest=digest,
         issued_at=statement.issued_at,
     )
-    return VerifiedStatement(signed=signed, digest=digest, head=new_head, trees_plan=plan)
+    return VerifiedStatement(
+        signed=signed,
+        digest=digest,
+        head=new_head,
+        trees_plan=plan,
+        resynchronised=resynchronised,
+    )
 
 
 def _known_digest(
@@ -278,13 +305,16 @@ def _verify_chain(
     digest: bytes,
     head: ChainHead | None,
     history: Mapping[int, bytes] | None,
-) -> None:
+    resync_from: int | None,
+) -> bool:
+    """Step 6. Returns True when the statement is accepted as a resynchronisation (not linked
+    to the head), False when it extends the head (or is the first)."""
     if head is None:
         if statement.kind is not StatementKind.SNAPSHOT:
             raise SequenceGap(
                 f"no accepted statement yet; delta {statement.sequence} needs a snapshot first"
             )
-        return
+        return False
     if (statement.custodian, statement.exchange) != (head.custodian, head.exchange):
         raise BrokenChain(
             f"statement of {statement.custodian}->{statement.exchange} checked against the "
@@ -301,6 +331,16 @@ def _verify_chain(
             f"sequence {statement.sequence} is not newer than accepted {head.sequence}"
         )
     if statement.sequence > head.sequence + 1:
+        if (
+            resync_from is not None
+            and statement.kind is StatementKind.SNAPSHOT
+            and statement.sequence >= resync_from
+        ):
+            # The snapshot the receiver asked for: it restates every leaf, so nothing of the
+            # head's state is needed; the skipped links are checked later against the log.
+            # Time still runs forwards.
+            _verify_not_before(statement, head=head)
+            return True
         # The receiver asks the custodian for a snapshot and waits; the chain never skips.
         raise SequenceGap(f"sequence {statement.sequence} after {head.sequence}: gap in the chain")
     if statement.previous != head.digest:
@@ -310,6 +350,11 @@ def _verify_chain(
             f"statement {statement.sequence} extends {statement.previous.hex()[:16]}, but "
             f"{head.digest.hex()[:16]} was accepted at sequence {head.sequence}"
         )
+    _verify_not_before(statement, head=head)
+    return False
+
+
+def _verify_not_before(statement: Statement, *, head: ChainHead) -> None:
     if statement.issued_at < head.issued_at:
         raise BrokenChain(
             f"statement {statement.sequence} is dated before its predecessor "

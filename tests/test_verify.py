@@ -29,6 +29,7 @@ from attestations.errors import (
     Expired,
     ForkDetected,
     FutureDated,
+    InvariantViolation,
     KeyNotValid,
     MissingQuorum,
     NegativeSum,
@@ -45,7 +46,13 @@ from attestations.errors import (
 from attestations.keys import KeyRecord, KeyRole
 from attestations.merkle import SumTree
 from attestations.signing import BlsCosigner, compute_quorum_signature
-from attestations.statement import AssetRoot, QuorumSignature, SignedStatement
+from attestations.statement import (
+    AssetRoot,
+    QuorumSignature,
+    SignedStatement,
+    Statement,
+    StatementKind,
+)
 from attestations.verify import (
     ChainHead,
     VerificationPolicy,
@@ -69,6 +76,7 @@ def accept(
     receiver: ReceiverTrees | None = None,
     disclosure: LeafDisclosure | None = None,
     history: dict[int, bytes] | None = None,
+    resync_from: int | None = None,
 ) -> ChainHead:
     """Verify as the exchange of the sample stream and apply the result. Without an explicit
     receiver, the receiver is fresh (no head) or holds the sample snapshot (with a head); without
@@ -93,6 +101,7 @@ def accept(
         receiver=receiver,
         disclosure=disclosure,
         history=history,
+        resync_from=resync_from,
     )
     verified.trees_plan.apply()
     return verified.head
@@ -615,3 +624,158 @@ def test_an_emptied_asset_may_leave_the_statement() -> None:
     assert receiver.trees["ETH"].count == 0
     second = w.next_statement(first, assets=w.assets())  # ETH no longer listed
     accept(w, w.sign(second), head=head, now=NOW + timedelta(seconds=1), receiver=receiver)
+
+
+# --- resynchronisation (step 6, after a gap) ------------------------------------------------------
+
+LATER = NOW + timedelta(seconds=10)
+UNLINKED = bytes([9]) * 32
+"""The ``previous`` of a snapshot whose predecessor the receiver never saw."""
+
+
+def _after_first_snapshot() -> tuple[World, ReceiverTrees, ChainHead]:
+    w = World()
+    receiver = w.receiver()
+    head = accept(w, w.sign(w.statement()), receiver=receiver)
+    return w, receiver, head
+
+
+def _resync(
+    w: World,
+    statement: Statement,
+    *,
+    head: ChainHead,
+    receiver: ReceiverTrees,
+    resync_from: int | None = 2,
+    now: datetime = LATER,
+    disclosure: LeafDisclosure | None = None,
+) -> tuple[ChainHead, bool]:
+    signed = w.sign(statement)
+    verified = verify_statement(
+        signed.encode(),
+        custodian=CUSTODIAN,
+        exchange=EXCHANGE,
+        registry=w.registry,
+        head=head,
+        now=now,
+        receiver=receiver,
+        disclosure=w.disclosure(statement) if disclosure is None else disclosure,
+        resync_from=resync_from,
+    )
+    verified.trees_plan.apply()
+    return verified.head, verified.resynchronised
+
+
+def test_a_requested_snapshot_after_a_gap_is_accepted_without_linking_to_the_head() -> None:
+    w, receiver, head = _after_first_snapshot()
+    # Sequences 2..4 never arrived; meanwhile carol's BTC pledge went and erin's came.
+    erin = DisclosedLeaf("erin", "BTC", 2, seed("salt-erin-btc"), 9)
+    w.leaves = [*w.leaves[:2], erin, *w.leaves[3:]]
+    snapshot = w.statement(sequence=5, previous=UNLINKED, issued_at=LATER)
+    new_head, resynchronised = _resync(w, snapshot, head=head, receiver=receiver)
+    assert resynchronised
+    assert (new_head.sequence, new_head.digest) == (5, snapshot.compute_digest())
+    assert receiver.account_at("BTC", 2) == "erin"
+    assert receiver.trees["BTC"].total == 150_000_000 + 42 + 9
+    # The stream continues from the new head as always.
+    delta = w.next_statement(snapshot)
+    after, linked_resync = _resync(
+        w, delta, head=new_head, receiver=receiver, resync_from=None, now=LATER
+    )
+    assert (after.sequence, linked_resync) == (6, False)
+
+
+def test_a_snapshot_at_exactly_the_requested_sequence_is_accepted() -> None:
+    w, receiver, head = _after_first_snapshot()
+    snapshot = w.statement(sequence=3, previous=UNLINKED, issued_at=LATER)
+    new_head, resynchronised = _resync(w, snapshot, head=head, receiver=receiver, resync_from=3)
+    assert (new_head.sequence, resynchronised) == (3, True)
+
+
+def test_without_resync_from_the_same_snapshot_is_a_gap() -> None:
+    w, receiver, head = _after_first_snapshot()
+    snapshot = w.statement(sequence=5, previous=UNLINKED, issued_at=LATER)
+    with pytest.raises(SequenceGap):
+        _resync(w, snapshot, head=head, receiver=receiver, resync_from=None)
+
+
+def test_a_delta_after_a_gap_still_gaps_while_waiting_for_the_snapshot() -> None:
+    w, receiver, head = _after_first_snapshot()
+    delta = w.statement(sequence=5, previous=UNLINKED, issued_at=LATER, kind=StatementKind.DELTA)
+    with pytest.raises(SequenceGap):
+        _resync(w, delta, head=head, receiver=receiver)
+
+
+def test_a_snapshot_below_the_requested_sequence_still_gaps() -> None:
+    w, receiver, head = _after_first_snapshot()
+    snapshot = w.statement(sequence=4, previous=UNLINKED, issued_at=LATER)
+    with pytest.raises(SequenceGap):
+        _resync(w, snapshot, head=head, receiver=receiver, resync_from=5)
+
+
+def test_a_resync_never_goes_back_to_or_behind_the_head() -> None:
+    w, receiver, head = _after_first_snapshot()
+    other_first = w.statement(issued_at=LATER)  # another statement at sequence 1
+    with pytest.raises(ForkDetected):
+        _resync(w, other_first, head=head, receiver=receiver, resync_from=1)
+    with pytest.raises(SequenceReplay):
+        _resync(w, w.statement(), head=head, receiver=receiver, resync_from=1)
+
+
+def test_a_snapshot_right_after_the_head_must_still_link_to_it() -> None:
+    w, receiver, head = _after_first_snapshot()
+    unlinked = w.statement(sequence=2, previous=UNLINKED, issued_at=LATER)
+    with pytest.raises(ForkDetected):  # a signed successor of another statement 1
+        _resync(w, unlinked, head=head, receiver=receiver)
+    linked = w.statement(sequence=2, previous=head.digest, issued_at=LATER)
+    new_head, resynchronised = _resync(w, linked, head=head, receiver=receiver)
+    assert (new_head.sequence, resynchronised) == (2, False)
+
+
+def test_a_resync_snapshot_dated_before_the_head_is_a_broken_chain() -> None:
+    w, receiver, head = _after_first_snapshot()
+    snapshot = w.statement(sequence=5, previous=UNLINKED, issued_at=NOW - timedelta(seconds=1))
+    with pytest.raises(BrokenChain):
+        _resync(w, snapshot, head=head, receiver=receiver, now=NOW)
+
+
+def test_a_resync_snapshot_gets_every_other_check() -> None:
+    w, receiver, head = _after_first_snapshot()
+    before = {asset: (t.root, t.total) for asset, t in receiver.trees.items()}
+    snapshot = w.statement(sequence=5, previous=UNLINKED, issued_at=LATER)
+    signed = w.sign(snapshot, cosigners=w.cosigners[:1])
+    checks: list[tuple[type[Exception], dict[str, Any]]] = [
+        (MissingQuorum, {"message": signed.encode()}),
+        (
+            UnknownKey,
+            {"message": w.sign(snapshot, signer=custodian_signer("stranger")).encode()},
+        ),
+        (Expired, {"now": snapshot.expires_at}),
+        (
+            RootMismatch,
+            {"disclosure": LeafDisclosure.for_statement(snapshot, w.leaves[:-1])},
+        ),
+    ]
+    for error, changes in checks:
+        arguments: dict[str, Any] = {
+            "message": w.sign(snapshot).encode(),
+            "custodian": CUSTODIAN,
+            "exchange": EXCHANGE,
+            "registry": w.registry,
+            "head": head,
+            "now": LATER,
+            "receiver": receiver,
+            "disclosure": w.disclosure(snapshot),
+            "resync_from": 2,
+        }
+        with pytest.raises(error):
+            verify_statement(**{**arguments, **changes})
+    assert {asset: (t.root, t.total) for asset, t in receiver.trees.items()} == before
+
+
+@pytest.mark.parametrize("resync_from", [0, -1, True])
+def test_resync_from_must_be_a_positive_sequence(resync_from: int) -> None:
+    w, receiver, head = _after_first_snapshot()
+    snapshot = w.statement(sequence=5, previous=UNLINKED, issued_at=LATER)
+    with pytest.raises(InvariantViolation):
+        _resync(w, snapshot, head=head, receiver=receiver, resync_from=resync_from)
