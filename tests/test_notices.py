@@ -167,7 +167,8 @@ def every_notice() -> list[MarginCall | LiquidationDue | PositionsSnapshot]:
 
 
 def wire_of(signed: SignedNotice) -> dict[str, Any]:
-    return json.loads(signed.encode())
+    wire: dict[str, Any] = json.loads(signed.encode())
+    return wire
 
 
 def reason(action: Any) -> str:
@@ -693,7 +694,7 @@ def test_snapshot_constructor_rejects() -> None:
     with pytest.raises(DecodeError):
         replace(snap, totals=tuple(reversed(snap.totals)))
     with pytest.raises(DecodeError):
-        replace(snap, lines=list(snap.lines))
+        replace(snap, lines=list(snap.lines))  # type: ignore[arg-type]
     with pytest.raises(DecodeError):
         AssetTotal("BTC", 0)
     with pytest.raises(DecodeError):
