@@ -3,9 +3,10 @@
 Every bridge message is a Kafka record whose headers follow the CloudEvents Kafka binding
 (``ce_specversion``, ``ce_id``, ``ce_source``, ``ce_type``, ``ce_time``, ``content-type``) plus the
 bridge's own ``mcb_*`` headers, and whose value is the body: RFC 8785 bytes of a JSON object for
-statements and snapshot requests, a slice of the canonical leaf disclosure for a disclosure chunk,
-and the untouched original value for a dead letter. docs/protocol.md section 11 specifies every
-byte; this module is the reference implementation.
+statements, snapshot requests, the exchange's signed notices (margin calls, liquidation-due
+notices, positions snapshots) and exposure reports, a slice of the canonical leaf disclosure for a
+disclosure chunk, and the untouched original value for a dead letter. docs/protocol.md section 11
+specifies every byte; this module is the reference implementation.
 
 :func:`decode_message` accepts a record or raises a
 :class:`~attestations.errors.DecodeError` subclass whose ``reason`` the consumer writes into the
@@ -13,7 +14,8 @@ dead letter: an unknown or unsupported type, a type on a topic that does not car
 duplicate, unknown or ill-formed header, headers that disagree with the key or the body, or a
 record over the size bound.
 
-What this module does not do: verify signatures or chains (attestations.verify), split or
+What this module does not do: verify signatures or chains (attestations.verify,
+attestations.notices.verify_notice), split or
 reassemble disclosures (bridge/chunks.py), or talk to Kafka (bridge/kafka.py). It is pure: no
 clock, no environment, no I/O; the caller passes every time.
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from attestations.amounts import check_units, format_units, parse_units, validate_asset_code
 from attestations.canonical import (
     MAX_MESSAGE_BYTES,
     compute_canonical_bytes,
@@ -36,6 +39,18 @@ from attestations.canonical import (
     parse_timestamp,
 )
 from attestations.errors import BridgeError, DecodeError, InvariantViolation
+from attestations.merkle import validate_account
+from attestations.notices import (
+    MAX_SNAPSHOT_PARTS,
+    LiquidationDue,
+    MarginCall,
+    NoticeType,
+    PositionsSnapshot,
+    SignedNotice,
+    check_signed_units,
+    format_signed_units,
+    parse_signed_units,
+)
 from attestations.statement import (
     MAX_SEQUENCE,
     SignedStatement,
@@ -58,6 +73,7 @@ from bridge.topics import (
 CE_SPECVERSION: Final = "1.0"
 ENVELOPE_VERSION: Final = 1
 SNAPSHOT_REQUEST_VERSION: Final = 1
+EXPOSURE_REPORT_VERSION: Final = 1
 DEFAULT_BUDGET_BYTES: Final = 900_000
 """What a producer allows one record (key + value + header names and values): well under the
 broker's default 1 MB limit, leaving room for Kafka's own record and batch framing."""
@@ -77,6 +93,7 @@ _HEX64_RE: Final = re.compile(rb"[0-9a-f]{64}")
 _REASON_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _SOURCE_RE: Final = re.compile(r"/[\x21-\x7e]{0,255}")
 _TYPE_RE: Final = re.compile(r"mcb\.([a-z-]+)\.v([0-9]+)")
+_REPORT_ID_RE: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -224,6 +241,80 @@ _SNAPSHOT_REQUEST_KEYS: Final = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
+class ExposureReport:
+    """The trading engine tells the margin ledger of ``exchange`` where ``client`` stands: its
+    open ``exposure``, the margin ``requirement`` of that exposure (both unsigned) and its
+    ``unrealised_pnl`` (signed), in minor units of ``quote``, as of ``reported_at``.
+    ``report_id`` (1-128 characters ``[A-Za-z0-9._:@-]``) names the report, so a redelivered one
+    is recognised. Internal to the exchange and unsigned: the exposures topic is not shared with
+    any other party."""
+
+    exchange: str
+    client: str
+    report_id: str
+    reported_at: datetime
+    exposure: int
+    requirement: int
+    unrealised_pnl: int
+    quote: str
+    version: int = EXPOSURE_REPORT_VERSION
+
+    def __post_init__(self) -> None:
+        require_version(self.version, expected=EXPOSURE_REPORT_VERSION, what="exposure report")
+        validate_party(self.exchange, what="exchange")
+        validate_account(self.client)
+        _check_report_id(self.report_id)
+        require_utc(self.reported_at, what="reported_at")
+        check_units(self.exposure, what="exposure")
+        check_units(self.requirement, what="requirement")
+        check_signed_units(self.unrealised_pnl, what="unrealised_pnl")
+        validate_asset_code(self.quote)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "client": self.client,
+            "exchange": self.exchange,
+            "exposure": format_units(self.exposure, what="exposure"),
+            "quote": self.quote,
+            "report_id": self.report_id,
+            "reported_at": format_timestamp(self.reported_at),
+            "requirement": format_units(self.requirement, what="requirement"),
+            "unrealised_pnl": format_signed_units(self.unrealised_pnl, what="unrealised_pnl"),
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> ExposureReport:
+        m = require_members(obj, what="exposure report", keys=_EXPOSURE_REPORT_KEYS)
+        require_version(m["version"], expected=EXPOSURE_REPORT_VERSION, what="exposure report")
+        return cls(
+            exchange=validate_party(m["exchange"], what="exchange"),
+            client=validate_account(m["client"]),
+            report_id=_check_report_id(m["report_id"]),
+            reported_at=parse_timestamp(m["reported_at"]),
+            exposure=parse_units(m["exposure"], what="exposure"),
+            requirement=parse_units(m["requirement"], what="requirement"),
+            unrealised_pnl=parse_signed_units(m["unrealised_pnl"], what="unrealised_pnl"),
+            quote=validate_asset_code(m["quote"]),
+        )
+
+
+_EXPOSURE_REPORT_KEYS: Final = frozenset(
+    {
+        "client",
+        "exchange",
+        "exposure",
+        "quote",
+        "report_id",
+        "reported_at",
+        "requirement",
+        "unrealised_pnl",
+        "version",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
 class DisclosureChunk:
     """Chunk ``index`` of ``count`` of the canonical leaf disclosure of one statement.
 
@@ -306,13 +397,16 @@ class DeadLetter:
         return len(self.value) < self.value_size
 
 
-Body = SignedStatement | DisclosureChunk | SnapshotRequest | DeadLetter
+Body = (
+    SignedStatement | DisclosureChunk | SnapshotRequest | DeadLetter | SignedNotice | ExposureReport
+)
 
 
 @dataclass(frozen=True, slots=True)
 class DecodedMessage:
     """A record that passed every envelope check; ``body`` is of the type ``envelope.type``
-    names. A statement still needs attestations.verify; a chunk still needs reassembly."""
+    names. A statement still needs attestations.verify, a notice
+    attestations.notices.verify_notice; a chunk still needs reassembly."""
 
     envelope: Envelope
     body: Body
@@ -354,6 +448,15 @@ _TYPE_HEADERS: Final[Mapping[MessageType, tuple[str, ...]]] = {
         "mcb_dlq_error",
         "mcb_dlq_headers",
     ),
+    MessageType.MARGIN_CALL: ("mcb_stream", "mcb_notice_id", "mcb_notice_digest"),
+    MessageType.LIQUIDATION_DUE: ("mcb_stream", "mcb_notice_id", "mcb_notice_digest"),
+    MessageType.POSITIONS_SNAPSHOT: (
+        "mcb_exchange",
+        "mcb_snapshot_part",
+        "mcb_snapshot_parts",
+        "mcb_notice_digest",
+    ),
+    MessageType.EXPOSURE_REPORT: ("mcb_client",),
 }
 _OPTIONAL_HEADERS: Final[Mapping[MessageType, frozenset[str]]] = {
     MessageType.DEAD_LETTER: frozenset({"mcb_dlq_key"}),  # absent when the original key was null
@@ -363,6 +466,16 @@ _CONTENT_TYPES: Final[Mapping[MessageType, str]] = {
     MessageType.DISCLOSURE_CHUNK: OCTETS,
     MessageType.SNAPSHOT_REQUEST: JSON,
     MessageType.DEAD_LETTER: OCTETS,
+    MessageType.MARGIN_CALL: JSON,
+    MessageType.LIQUIDATION_DUE: JSON,
+    MessageType.POSITIONS_SNAPSHOT: JSON,
+    MessageType.EXPOSURE_REPORT: JSON,
+}
+# The notice type a record of each notice message type carries.
+_NOTICE_TYPES: Final[Mapping[MessageType, NoticeType]] = {
+    MessageType.MARGIN_CALL: NoticeType.MARGIN_CALL,
+    MessageType.LIQUIDATION_DUE: NoticeType.LIQUIDATION_DUE,
+    MessageType.POSITIONS_SNAPSHOT: NoticeType.POSITIONS_SNAPSHOT,
 }
 _ID_EXCLUDED: Final = frozenset({"ce_id", "ce_time"})
 
@@ -400,6 +513,12 @@ def compute_message_id(key: bytes, value: bytes, headers: Sequence[tuple[str, by
 def _check_reason(value: object) -> str:
     if not isinstance(value, str) or not _REASON_RE.fullmatch(value):
         raise DecodeError(f"reason {str(value)[:70]!r} must match [a-z][a-z0-9_]{{0,63}}")
+    return value
+
+
+def _check_report_id(value: object) -> str:
+    if not isinstance(value, str) or not _REPORT_ID_RE.fullmatch(value):
+        raise DecodeError(f"report_id {str(value)[:70]!r} must match [A-Za-z0-9._:@-]{{1,128}}")
     return value
 
 
@@ -532,6 +651,67 @@ def encode_snapshot_request(
         source=f"/exchanges/{request.exchange}",
         time=request.requested_at,
         extra=(("mcb_stream", request.stream),),
+        budget_bytes=check_budget(budget_bytes),
+    )
+
+
+def encode_notice(
+    signed: SignedNotice,
+    *,
+    catalogue: TopicCatalogue = DEFAULT_CATALOGUE,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> OutboundMessage:
+    """A signed notice as one record, a pure function of the notice (``ce_time`` is its
+    ``issued_at``, or ``as_of``). Margin calls and liquidation-due notices go to the instructions
+    topic keyed by ``<custodian>/<exchange>``; a positions snapshot part goes to ledger-snapshots
+    keyed by the exchange. The signature is not checked here: the caller signed it."""
+    notice = signed.notice
+    digest = ("mcb_notice_digest", signed.digest.hex())
+    if isinstance(notice, PositionsSnapshot):
+        message_type = MessageType.POSITIONS_SNAPSHOT
+        key = notice.exchange
+        extra: tuple[tuple[str, str], ...] = (
+            ("mcb_exchange", notice.exchange),
+            ("mcb_snapshot_part", str(notice.part)),
+            ("mcb_snapshot_parts", str(notice.parts)),
+            digest,
+        )
+    else:
+        message_type = (
+            MessageType.MARGIN_CALL
+            if isinstance(notice, MarginCall)
+            else MessageType.LIQUIDATION_DUE
+        )
+        key = compute_stream_key(custodian=notice.custodian, exchange=notice.exchange)
+        extra = (("mcb_stream", key), ("mcb_notice_id", notice.notice_id), digest)
+    return _assemble(
+        topic=catalogue.topic_for(message_type),
+        key=key.encode("ascii"),
+        value=signed.encode(),
+        message_type=message_type,
+        source=f"/exchanges/{notice.exchange}",
+        time=notice.signed_at,
+        extra=extra,
+        budget_bytes=check_budget(budget_bytes),
+    )
+
+
+def encode_exposure_report(
+    report: ExposureReport,
+    *,
+    catalogue: TopicCatalogue = DEFAULT_CATALOGUE,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> OutboundMessage:
+    """The report on the exposures topic, keyed by the client; ``ce_time`` is ``reported_at``
+    and ``ce_source`` ``/exchanges/<exchange>/trading``."""
+    return _assemble(
+        topic=catalogue.topic_for(MessageType.EXPOSURE_REPORT),
+        key=report.client.encode("ascii"),
+        value=compute_canonical_bytes(report.to_wire()),
+        message_type=MessageType.EXPOSURE_REPORT,
+        source=f"/exchanges/{report.exchange}/trading",
+        time=report.reported_at,
+        extra=(("mcb_client", report.client),),
         budget_bytes=check_budget(budget_bytes),
     )
 
@@ -933,9 +1113,99 @@ def _decode_dead_letter(envelope: Envelope, found: Mapping[str, bytes], value: b
     return letter
 
 
+def _header_party(headers: Mapping[str, bytes], name: str) -> str:
+    text = _header_text(headers, name)
+    try:
+        return validate_party(text, what=name)
+    except DecodeError as exc:
+        raise HeaderError(f"{name}: {exc}") from exc
+
+
+def _decode_notice_body(message_type: MessageType, value: bytes) -> SignedNotice:
+    signed = SignedNotice.decode(value, max_bytes=len(value))
+    if signed.encode() != value:
+        raise EnvelopeError("the notice body is not in RFC 8785 form")
+    if signed.type is not _NOTICE_TYPES[message_type]:
+        raise HeaderMismatch(f"a {signed.type.value} notice in a {message_type.value} record")
+    return signed
+
+
+def _check_notice_envelope(
+    envelope: Envelope, found: Mapping[str, bytes], signed: SignedNotice
+) -> None:
+    if found["mcb_notice_digest"] != signed.digest.hex().encode("ascii"):
+        raise HeaderMismatch("mcb_notice_digest is not the notice's digest")
+    if envelope.time != signed.notice.signed_at:
+        raise HeaderMismatch("ce_time is not the notice's time")
+    if envelope.source != f"/exchanges/{signed.notice.exchange}":
+        raise HeaderMismatch("ce_source is not the notice's exchange")
+
+
+def _decode_margin_notice(envelope: Envelope, found: Mapping[str, bytes], value: bytes) -> Body:
+    custodian, exchange = _header_stream(found)
+    notice_id = _header_hex32(found, "mcb_notice_id")
+    _header_hex32(found, "mcb_notice_digest")
+    _check_stream_key(envelope, custodian, exchange)
+    signed = _decode_notice_body(envelope.type, value)
+    notice = signed.notice
+    if not isinstance(notice, MarginCall | LiquidationDue):  # pragma: no cover - type checked
+        raise HeaderMismatch("not a margin notice")
+    if (notice.custodian, notice.exchange) != (custodian, exchange):
+        raise HeaderMismatch("mcb_stream names another stream than the notice")
+    if notice.notice_id != notice_id.hex():
+        raise HeaderMismatch("mcb_notice_id is not the notice's id")
+    _check_notice_envelope(envelope, found, signed)
+    return signed
+
+
+def _decode_positions_snapshot(
+    envelope: Envelope, found: Mapping[str, bytes], value: bytes
+) -> Body:
+    exchange = _header_party(found, "mcb_exchange")
+    parts = _header_int(found, "mcb_snapshot_parts", low=1, high=MAX_SNAPSHOT_PARTS)
+    part = _header_int(found, "mcb_snapshot_part", high=parts - 1)
+    _header_hex32(found, "mcb_notice_digest")
+    if envelope.key != exchange.encode("ascii"):
+        raise HeaderMismatch(f"key {envelope.key[:80]!r} is not the exchange {exchange}")
+    signed = _decode_notice_body(envelope.type, value)
+    notice = signed.notice
+    if not isinstance(notice, PositionsSnapshot):  # pragma: no cover - type checked
+        raise HeaderMismatch("not a positions snapshot")
+    if notice.exchange != exchange:
+        raise HeaderMismatch("mcb_exchange names another exchange than the snapshot")
+    if (notice.part, notice.parts) != (part, parts):
+        raise HeaderMismatch("mcb_snapshot_part/parts are not the snapshot's")
+    _check_notice_envelope(envelope, found, signed)
+    return signed
+
+
+def _decode_exposure_report(envelope: Envelope, found: Mapping[str, bytes], value: bytes) -> Body:
+    client = _header_text(found, "mcb_client")
+    try:
+        validate_account(client)
+    except DecodeError as exc:
+        raise HeaderError(f"mcb_client: {exc}") from exc
+    if envelope.key != client.encode("ascii"):
+        raise HeaderMismatch(f"key {envelope.key[:140]!r} is not the client {client}")
+    report = ExposureReport.from_wire(parse_json_object(value, max_bytes=len(value)))
+    if compute_canonical_bytes(report.to_wire()) != value:
+        raise EnvelopeError("the exposure report body is not in RFC 8785 form")
+    if report.client != client:
+        raise HeaderMismatch("mcb_client names another client than the report")
+    if envelope.time != report.reported_at:
+        raise HeaderMismatch("ce_time is not the report's reported_at")
+    if envelope.source != f"/exchanges/{report.exchange}/trading":
+        raise HeaderMismatch("ce_source is not the reporting exchange's trading engine")
+    return report
+
+
 _DECODERS: Final = {
     MessageType.STATEMENT: _decode_statement,
     MessageType.DISCLOSURE_CHUNK: _decode_chunk,
     MessageType.SNAPSHOT_REQUEST: _decode_snapshot_request,
     MessageType.DEAD_LETTER: _decode_dead_letter,
+    MessageType.MARGIN_CALL: _decode_margin_notice,
+    MessageType.LIQUIDATION_DUE: _decode_margin_notice,
+    MessageType.POSITIONS_SNAPSHOT: _decode_positions_snapshot,
+    MessageType.EXPOSURE_REPORT: _decode_exposure_report,
 }

@@ -4,7 +4,8 @@ partitions they get by default, and which message types may travel on each.
 Every topic name is ``<prefix><topic>`` with a configurable prefix (default ``mcb.``), so several
 deployments can share one cluster. Keys decide ordering: Kafka keeps the order of one key within
 its partition, so everything about one (custodian, exchange) stream is keyed by
-``<custodian>/<exchange>`` and one exchange's statements arrive in sequence order.
+``<custodian>/<exchange>`` and one exchange's statements arrive in sequence order; positions
+snapshots are keyed by the exchange and exposure reports by the client.
 
 This module is pure: it names topics and answers questions about them. It does not create topics
 or talk to a broker (bridge/kafka.py does), and it does not encode messages (bridge/envelope.py).
@@ -33,12 +34,15 @@ class TopicKind(StrEnum):
     ATTESTATIONS = "attestations"
     """Custodian -> exchanges: signed statements and the chunks of their leaf disclosures."""
     INSTRUCTIONS = "instructions"
-    """Exchange -> custodian: snapshot requests now; margin calls, liquidation instructions and
-    releases later."""
+    """Exchange -> custodian: snapshot requests, margin calls and liquidation-due notices (signed
+    liquidation instructions and releases later)."""
     REPORTS = "reports"
     """Custodian -> exchange: executions and acknowledgements (no message type defined yet)."""
     LEDGER_SNAPSHOTS = "ledger-snapshots"
-    """Ledger states for the twice-daily reconciliation (no message type defined yet)."""
+    """Exchange -> reconciliation: the signed positions snapshots of the margin ledger."""
+    EXPOSURES = "exposures"
+    """Trading engine -> margin ledger, inside the exchange: each client's exposure, margin
+    requirement and unrealised profit and loss (unsigned: both ends are the exchange's own)."""
     DEAD_LETTERS = "dead-letters"
     """Messages a consumer could not process, preserved with the reason."""
 
@@ -51,6 +55,10 @@ class MessageType(StrEnum):
     DISCLOSURE_CHUNK = "mcb.disclosure-chunk.v1"
     SNAPSHOT_REQUEST = "mcb.snapshot-request.v1"
     DEAD_LETTER = "mcb.dead-letter.v1"
+    MARGIN_CALL = "mcb.margin-call.v1"
+    LIQUIDATION_DUE = "mcb.liquidation-due.v1"
+    POSITIONS_SNAPSHOT = "mcb.positions-snapshot.v1"
+    EXPOSURE_REPORT = "mcb.exposure-report.v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +92,9 @@ TOPIC_SPECS: Final[Mapping[TopicKind, TopicSpec]] = {
         consumer="custodian",
         key="<custodian>/<exchange>",
         partitions=6,
-        message_types=frozenset({MessageType.SNAPSHOT_REQUEST}),
+        message_types=frozenset(
+            {MessageType.SNAPSHOT_REQUEST, MessageType.MARGIN_CALL, MessageType.LIQUIDATION_DUE}
+        ),
     ),
     TopicKind.REPORTS: TopicSpec(
         kind=TopicKind.REPORTS,
@@ -98,9 +108,21 @@ TOPIC_SPECS: Final[Mapping[TopicKind, TopicSpec]] = {
         kind=TopicKind.LEDGER_SNAPSHOTS,
         producer="exchange",
         consumer="reconciliation",
-        key="<custodian>/<exchange>",
+        # A positions snapshot covers every stream of the exchange: keyed by the exchange, so the
+        # parts of one snapshot, and the snapshots in time order, share one partition.
+        key="<exchange>",
         partitions=3,
-        message_types=frozenset(),
+        message_types=frozenset({MessageType.POSITIONS_SNAPSHOT}),
+    ),
+    TopicKind.EXPOSURES: TopicSpec(
+        kind=TopicKind.EXPOSURES,
+        producer="trading engine",
+        consumer="margin ledger",
+        # Keyed by client, so one client's reports stay in order; the ledger also ignores a
+        # report older than the one it holds.
+        key="<client>",
+        partitions=6,
+        message_types=frozenset({MessageType.EXPOSURE_REPORT}),
     ),
     TopicKind.DEAD_LETTERS: TopicSpec(
         kind=TopicKind.DEAD_LETTERS,

@@ -150,7 +150,7 @@ def _rejections(statement_message: OutboundMessage, chunk: OutboundMessage) -> l
         ),
         (
             "an unknown message type",
-            _with_headers(statement_message, {"ce_type": b"mcb.margin-call.v1"}),
+            _with_headers(statement_message, {"ce_type": b"mcb.release.v1"}),
             "unknown_message_type",
         ),
         (

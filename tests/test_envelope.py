@@ -10,7 +10,7 @@ import json
 import re
 import sys
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,12 +28,24 @@ from attestations.errors import (
     InvariantViolation,
     SequenceGap,
 )
+from attestations.notices import (
+    LiquidationDue,
+    LiquidationReason,
+    MarginCall,
+    PositionLine,
+    SignedNotice,
+    StreamHeadRef,
+    build_positions_snapshot,
+    sign_notice,
+)
+from attestations.p256 import SoftwareP256Signer
 from attestations.statement import SignedStatement
 from bridge.chunks import Reassembler, decode_disclosure, encode_disclosure
 from bridge.envelope import (
     DeadLetter,
     DisclosureChunk,
     EnvelopeError,
+    ExposureReport,
     HeaderError,
     HeaderMismatch,
     OutboundMessage,
@@ -46,6 +58,8 @@ from bridge.envelope import (
     decode_message,
     encode_chunk,
     encode_dead_letter,
+    encode_exposure_report,
+    encode_notice,
     encode_snapshot_request,
     encode_statement,
     header_names,
@@ -102,12 +116,77 @@ def dead_letter() -> OutboundMessage:
     )
 
 
+EXCHANGE_KEY = SoftwareP256Signer(
+    insecure_development_only=True, private_scalar=hashlib.sha256(b"test-envelope/x").digest()
+)
+MARGIN_CALL = MarginCall(
+    exchange="exchange-x",
+    custodian="custodian-a",
+    client="alice",
+    issued_at=T0,
+    deadline=T0 + timedelta(hours=4),
+    quote="USD",
+    collateral=950_000,
+    equity=900_000,
+    requirement=1_000_000,
+    ratio_bps=9_000,
+    shortfall=100_000,
+)
+LIQUIDATION_DUE = LiquidationDue(
+    exchange="exchange-x",
+    custodian="custodian-a",
+    client="alice",
+    issued_at=T0,
+    deadline=None,
+    quote="USD",
+    collateral=500_000,
+    equity=500_000,
+    requirement=1_000_000,
+    ratio_bps=5_000,
+    shortfall=500_000,
+    margin_call_id=None,
+    reason=LiquidationReason.LIQUIDATION_LINE,
+)
+SNAPSHOT_PARTS = build_positions_snapshot(
+    exchange="exchange-x",
+    as_of=T0,
+    quote="USD",
+    streams=[StreamHeadRef("custodian-a", 1, SIGNED.digest)],
+    lines=[
+        PositionLine("alice", "custodian-a", "BTC", 150_000_000, 7_695_000),
+        PositionLine("bob", "custodian-a", "USDC", 1_000_000, 95_000),
+        PositionLine("carol", "custodian-a", "USDC", 5_000_000, 475_000),
+    ],
+    max_lines_per_part=2,
+)
+SIGNED_NOTICES = {
+    MessageType.MARGIN_CALL: sign_notice(MARGIN_CALL, EXCHANGE_KEY),
+    MessageType.LIQUIDATION_DUE: sign_notice(LIQUIDATION_DUE, EXCHANGE_KEY),
+    MessageType.POSITIONS_SNAPSHOT: sign_notice(SNAPSHOT_PARTS[1], EXCHANGE_KEY),
+}
+
+
+def exposure_report() -> ExposureReport:
+    return ExposureReport(
+        exchange="exchange-x",
+        client="alice",
+        report_id="trade-42",
+        reported_at=T0,
+        exposure=1_500_000,
+        requirement=1_000_000,
+        unrealised_pnl=-50_000,
+        quote="USD",
+    )
+
+
 def every_message() -> dict[MessageType, OutboundMessage]:
     return {
         MessageType.STATEMENT: encode_statement(SIGNED),
         MessageType.DISCLOSURE_CHUNK: chunk_message(),
         MessageType.SNAPSHOT_REQUEST: encode_snapshot_request(request()),
         MessageType.DEAD_LETTER: dead_letter(),
+        **{t: encode_notice(signed) for t, signed in SIGNED_NOTICES.items()},
+        MessageType.EXPOSURE_REPORT: encode_exposure_report(exposure_report()),
     }
 
 
@@ -143,6 +222,7 @@ def test_catalogue_names_and_defaults() -> None:
         "mcb.reports": 6,
         "mcb.ledger-snapshots": 3,
         "mcb.dead-letters": 3,
+        "mcb.exposures": 6,
     }
     custom = TopicCatalogue(prefix="pilot-", partitions={TopicKind.ATTESTATIONS: 24})
     assert custom.name(TopicKind.DEAD_LETTERS) == "pilot-dead-letters"
@@ -394,7 +474,8 @@ def test_every_type_on_every_other_topic_is_rejected(message_type: MessageType) 
         ({"ce_specversion": b"0.3"}, UnsupportedVersion),
         ({"mcb_envelope_version": b"2"}, UnsupportedVersion),
         ({"ce_type": b"mcb.statement.v2"}, UnsupportedVersion),
-        ({"ce_type": b"mcb.margin-call.v1"}, UnknownMessageType),
+        ({"ce_type": b"mcb.margin-call.v1"}, WrongTopic),
+        ({"ce_type": b"mcb.release.v1"}, UnknownMessageType),
         ({"ce_type": b"\xff"}, UnknownMessageType),
         ({"content-type": b"application/octet-stream"}, HeaderError),
         ({"ce_time": b"2026-01-15T09:00:00Z"}, HeaderError),
@@ -505,6 +586,209 @@ def test_dead_letter_checks() -> None:
         decode(tampered(message, {"mcb_dlq_key": b"abc"}))
     with pytest.raises(HeaderError):
         decode(tampered(message, {"mcb_dlq_value_size": b"3"}))  # shorter than the value
+
+
+# --- exchange notices and exposure reports ------------------------------------------------------
+
+
+def test_margin_notices_round_trip() -> None:
+    for message_type in (MessageType.MARGIN_CALL, MessageType.LIQUIDATION_DUE):
+        signed = SIGNED_NOTICES[message_type]
+        message = encode_notice(signed)
+        assert message == encode_notice(signed)  # a pure function of the notice
+        assert message.topic == "mcb.instructions"
+        assert message.key == b"custodian-a/exchange-x"
+        assert message.value == signed.encode()
+        assert [n for n, _ in message.headers] == list(header_names(message_type))
+        headers = dict(message.headers)
+        assert headers["ce_type"] == message_type.value.encode()
+        assert headers["ce_source"] == b"/exchanges/exchange-x"
+        assert headers["ce_time"] == b"2026-01-15T09:05:00.000Z"
+        assert headers["mcb_notice_id"] == signed.notice.notice_id.encode()  # type: ignore[union-attr]
+        assert headers["mcb_notice_digest"] == signed.digest.hex().encode()
+        decoded = decode(message)
+        assert decoded.body == signed
+        assert decoded.envelope.type is message_type
+
+
+def test_one_margin_call_to_each_custodian_shares_the_notice_id() -> None:
+    other = sign_notice(replace(MARGIN_CALL, custodian="custodian-b"), EXCHANGE_KEY)
+    first, second = encode_notice(SIGNED_NOTICES[MessageType.MARGIN_CALL]), encode_notice(other)
+    assert second.key == b"custodian-b/exchange-x"
+    assert dict(first.headers)["mcb_notice_id"] == dict(second.headers)["mcb_notice_id"]
+    assert dict(first.headers)["ce_id"] != dict(second.headers)["ce_id"]
+    assert decode(second).body == other
+
+
+def test_positions_snapshot_round_trip() -> None:
+    for part in SNAPSHOT_PARTS:
+        signed = sign_notice(part, EXCHANGE_KEY)
+        message = encode_notice(signed)
+        assert message.topic == "mcb.ledger-snapshots"
+        assert message.key == b"exchange-x"
+        headers = dict(message.headers)
+        assert headers["mcb_snapshot_part"] == str(part.part).encode()
+        assert headers["mcb_snapshot_parts"] == b"2"
+        assert headers["ce_time"] == b"2026-01-15T09:05:00.000Z"
+        assert decode(message).body == signed
+
+
+def test_exposure_report_round_trip() -> None:
+    message = encode_exposure_report(exposure_report())
+    assert message.topic == "mcb.exposures"
+    assert message.key == b"alice"
+    assert message.value == (
+        b'{"client":"alice","exchange":"exchange-x","exposure":"1500000","quote":"USD",'
+        b'"report_id":"trade-42","reported_at":"2026-01-15T09:05:00.000Z",'
+        b'"requirement":"1000000","unrealised_pnl":"-50000","version":1}'
+    )
+    assert dict(message.headers)["ce_source"] == b"/exchanges/exchange-x/trading"
+    decoded = decode(message)
+    assert decoded.body == exposure_report()
+    assert decoded.envelope.type is MessageType.EXPOSURE_REPORT
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"exchange": "Exchange-X"},
+        {"client": "has space"},
+        {"report_id": ""},
+        {"report_id": "x" * 129},
+        {"reported_at": T0.replace(tzinfo=None)},
+        {"exposure": -1},
+        {"requirement": 2**128},
+        {"unrealised_pnl": 2**128},
+        {"unrealised_pnl": 1.5},
+        {"quote": "usd"},
+        {"version": 2},
+    ],
+)
+def test_exposure_report_constructor_rejects(changes: dict[str, Any]) -> None:
+    with pytest.raises(BridgeError):
+        replace(exposure_report(), **changes)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        (b'"exposure":"1500000"', b'"exposure":"-1500000"', "negative_sum"),
+        (b'"exposure":"1500000"', b'"exposure":1500000', "invalid_amount"),
+        (b'"exposure":"1500000"', b'"exposure":1.5', "float_rejected"),
+        (b'"unrealised_pnl":"-50000"', b'"unrealised_pnl":"-0"', "invalid_amount"),
+        (b'"unrealised_pnl":"-50000"', b'"unrealised_pnl":"+50000"', "invalid_amount"),
+        (b'"quote":"USD",', b'"quote":"USD","extra":"x",', "malformed"),
+        (b'"quote":"USD",', b'"quote":"USD","quote":"USD",', "malformed"),
+        (b'"quote":"USD",', b"", "malformed"),
+        (b'"quote":"USD",', b'"quote": "USD",', "malformed_envelope"),
+        (b'"client":"alice"', b'"client":"bob"', "header_mismatch"),
+        (b"09:05:00.000Z", b"09:05:00.001Z", "header_mismatch"),
+        (b'"exchange":"exchange-x"', b'"exchange":"exchange-y"', "header_mismatch"),
+    ],
+)
+def test_exposure_report_body_checks(old: bytes, new: bytes, reason: str) -> None:
+    message = encode_exposure_report(exposure_report())
+    assert old in message.value
+    with pytest.raises(BridgeError) as info:
+        decode(tampered(message, value=message.value.replace(old, new, 1)))
+    assert info.value.reason == reason
+
+
+def test_exposure_report_header_checks() -> None:
+    message = encode_exposure_report(exposure_report())
+    with pytest.raises(HeaderMismatch, match="key"):
+        decode(tampered(message, key=b"bob"))
+    with pytest.raises(HeaderError, match="mcb_client"):
+        decode(tampered(message, {"mcb_client": b"has space"}))
+    with pytest.raises(HeaderMismatch, match="client"):
+        decode(tampered(message, {"mcb_client": b"bob"}, key=b"bob"))
+    with pytest.raises(HeaderMismatch, match="ce_source"):
+        decode(tampered(message, {"ce_source": b"/exchanges/exchange-x"}))
+
+
+@pytest.mark.parametrize("message_type", [MessageType.MARGIN_CALL, MessageType.LIQUIDATION_DUE])
+@pytest.mark.parametrize(
+    ("changes", "key", "error"),
+    [
+        ({"mcb_notice_id": b"AB" * 32}, None, HeaderError),
+        ({"mcb_notice_digest": b"xyz"}, None, HeaderError),
+        ({"mcb_stream": b"custodian-a"}, None, HeaderError),
+        ({"mcb_notice_id": b"ab" * 32}, None, HeaderMismatch),
+        ({"mcb_notice_digest": b"ab" * 32}, None, HeaderMismatch),
+        ({"ce_time": b"2026-01-15T09:05:00.001Z"}, None, HeaderMismatch),
+        ({"ce_source": b"/exchanges/exchange-y"}, None, HeaderMismatch),
+        ({"ce_source": b"/custodians/custodian-a"}, None, HeaderMismatch),
+        ({}, b"custodian-b/exchange-x", HeaderMismatch),
+        ({"mcb_stream": b"custodian-b/exchange-x"}, b"custodian-b/exchange-x", HeaderMismatch),
+        ({"content-type": b"application/octet-stream"}, None, HeaderError),
+    ],
+)
+def test_margin_notice_headers_are_checked(
+    message_type: MessageType, changes: dict[str, bytes | None], key: bytes | None, error: type
+) -> None:
+    message = encode_notice(SIGNED_NOTICES[message_type])
+    with pytest.raises(error):
+        decode(tampered(message, changes, key=key))
+
+
+def test_a_notice_under_another_notice_type_is_rejected() -> None:
+    """A liquidation-due body relabelled as a margin call (same header set) is caught by the
+    body's own type; a margin call relabelled as a snapshot has the wrong headers."""
+    due = encode_notice(SIGNED_NOTICES[MessageType.LIQUIDATION_DUE])
+    with pytest.raises(HeaderMismatch, match="liquidation_due notice"):
+        decode(tampered(due, {"ce_type": MessageType.MARGIN_CALL.value.encode()}))
+    call = encode_notice(SIGNED_NOTICES[MessageType.MARGIN_CALL])
+    with pytest.raises(WrongTopic):
+        decode(tampered(call, {"ce_type": MessageType.POSITIONS_SNAPSHOT.value.encode()}))
+
+
+def test_notice_bodies_are_strict() -> None:
+    message = encode_notice(SIGNED_NOTICES[MessageType.MARGIN_CALL])
+    spaced = message.value.replace(b'"quote":"USD"', b'"quote": "USD"', 1)
+    with pytest.raises(EnvelopeError, match="RFC 8785"):
+        decode(tampered(message, value=spaced))
+    flipped = message.value.replace(b'"shortfall":"100000"', b'"shortfall":100000', 1)
+    with pytest.raises(DecodeError) as info:
+        decode(tampered(message, value=flipped))
+    assert info.value.reason == "invalid_amount"
+    changed = message.value.replace(b'"shortfall":"100000"', b'"shortfall":"100001"', 1)
+    with pytest.raises(HeaderMismatch, match="mcb_notice_digest"):
+        decode(tampered(message, value=changed))
+    # With the digest header made to agree, the record decodes: the envelope does not verify
+    # signatures, attestations.notices.verify_notice does (and rejects this one).
+    forged = SignedNotice.decode(changed)
+    digest = forged.digest.hex().encode()
+    body = decode(tampered(message, {"mcb_notice_digest": digest}, value=changed)).body
+    assert body == forged
+    assert forged.notice != MARGIN_CALL
+
+
+def test_positions_snapshot_headers_are_checked() -> None:
+    message = encode_notice(SIGNED_NOTICES[MessageType.POSITIONS_SNAPSHOT])
+    cases: list[tuple[dict[str, bytes | None], bytes | None, type[Exception]]] = [
+        ({"mcb_exchange": b"Exchange"}, None, HeaderError),
+        ({"mcb_snapshot_part": b"2"}, None, HeaderError),  # not below parts
+        ({"mcb_snapshot_parts": b"0"}, None, HeaderError),
+        ({"mcb_snapshot_part": b"01"}, None, HeaderError),
+        ({"mcb_snapshot_part": b"0"}, None, HeaderMismatch),
+        ({"mcb_snapshot_parts": b"3"}, None, HeaderMismatch),
+        ({"mcb_exchange": b"exchange-y"}, b"exchange-y", HeaderMismatch),
+        ({}, b"exchange-y", HeaderMismatch),
+        ({}, b"custodian-a/exchange-x", HeaderMismatch),
+        ({"ce_time": b"2026-01-15T09:05:00.001Z"}, None, HeaderMismatch),
+        ({"mcb_notice_digest": b"00" * 32}, None, HeaderMismatch),
+    ]
+    for changes, key, error in cases:
+        with pytest.raises(error):
+            decode(tampered(message, changes, key=key))
+
+
+def test_margin_notice_keys() -> None:
+    message = encode_notice(SIGNED_NOTICES[MessageType.MARGIN_CALL])
+    with pytest.raises(HeaderMismatch, match="no key"):
+        decode_message(message.topic, None, message.value, message.headers)
+    with pytest.raises(HeaderMismatch, match="key"):
+        decode(tampered(message, key=b"custodian-a/exchange-y"))
 
 
 def test_oversized_records() -> None:
@@ -746,3 +1030,26 @@ def test_asyncapi_snapshot_request_schema_matches() -> None:
     assert set(signed["required"]) == set(SIGNED.to_wire())
     body = doc["components"]["schemas"]["statementBody"]
     assert set(body["required"]) == set(SIGNED.statement.to_wire())
+
+
+def test_asyncapi_notice_and_exposure_schemas_match() -> None:
+    doc = load_asyncapi()
+    schemas = doc["components"]["schemas"]
+    for name, message_type in (
+        ("signedMarginCall", MessageType.MARGIN_CALL),
+        ("signedLiquidationDue", MessageType.LIQUIDATION_DUE),
+        ("signedPositionsSnapshot", MessageType.POSITIONS_SNAPSHOT),
+    ):
+        signed = SIGNED_NOTICES[message_type]
+        wire = signed.to_wire()
+        assert set(schemas[name]["required"]) == set(wire) == set(schemas[name]["properties"])
+        assert schemas[name]["properties"]["type"]["const"] == wire["type"]
+        body = resolve(doc, schemas[name]["properties"]["notice"])
+        assert set(body["required"]) == set(wire["notice"]) == set(body["properties"])
+    lines = schemas["positionsSnapshot"]["properties"]["lines"]["items"]
+    assert set(lines["required"]) == set(SNAPSHOT_PARTS[0].lines[0].to_wire())
+    report = schemas["exposureReport"]
+    assert set(report["required"]) == set(exposure_report().to_wire()) == set(report["properties"])
+    signed_pattern = schemas["signedUnits"]["pattern"].strip("^$")
+    assert re.fullmatch(signed_pattern, "-50000")
+    assert not re.fullmatch(signed_pattern, "-0")
