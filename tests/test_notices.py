@@ -5,16 +5,19 @@ the wrong role, party or time, strict decoding, snapshot parts, and Hypothesis p
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attestations.canonical import compute_canonical_bytes, parse_json_object
+from attestations.canonical import compute_canonical_bytes, parse_json_object, parse_timestamp
 from attestations.errors import (
     AmountError,
     BridgeError,
@@ -54,6 +57,13 @@ from attestations.notices import (
 )
 from attestations.p256 import SoftwareP256Signer
 from attestations.translog import EMPTY_ROOT
+from bridge.envelope import (
+    ExposureReport,
+    OutboundMessage,
+    decode_message,
+    encode_exposure_report,
+    encode_notice,
+)
 
 T0 = datetime(2026, 1, 15, 9, 0, tzinfo=UTC)
 NOW = T0 + timedelta(seconds=5)
@@ -814,3 +824,108 @@ def test_property_a_flipped_byte_is_never_accepted(
     with pytest.raises(BridgeError) as info:
         verify_bytes(bytes(data))
     assert not info.value.retriable
+
+
+# --- golden vectors (tests/vectors/notices.json) ------------------------------------------------
+
+VECTORS = Path(__file__).resolve().parent / "vectors"
+VECTOR = json.loads((VECTORS / "notices.json").read_text())
+VECTOR_REGISTRY = KeyRegistry.from_wire(VECTOR["registry"])
+VECTOR_NOW = parse_timestamp(VECTOR["now"])
+
+
+def test_vector_keys() -> None:
+    for key in VECTOR["keys"].values():
+        scalar = bytes.fromhex(key["private_scalar"])
+        derived = SoftwareP256Signer(insecure_development_only=True, private_scalar=scalar)
+        assert derived.public_key.hex() == key["public_key"]
+        assert derived.key_id == key["key_id"]
+
+
+def test_vector_signed_amounts_and_ids() -> None:
+    amounts = VECTOR["signed_amounts"]
+    for case in amounts["valid"]:
+        assert str(parse_signed_units(case["text"], what="v")) == case["value"]
+    for case in amounts["invalid"]:
+        assert (
+            reason(lambda case=case: parse_signed_units(case["text"], what="v")) == case["expected"]
+        )
+    for name, case in VECTOR["notice_ids"].items():
+        preimage = bytes.fromhex(case["preimage_hex"])
+        assert preimage.startswith(b"mcb/notice-id/v1\x00")
+        assert hashlib.sha256(preimage).hexdigest() == case["notice_id"]
+        notice = next(n for n in VECTOR["notices"] if n["name"] == name)
+        assert notice["notice"]["notice_id"] == case["notice_id"]
+
+
+@pytest.mark.parametrize("case", VECTOR["notices"], ids=lambda c: c["name"])
+def test_vector_notices(case: dict[str, Any]) -> None:
+    canonical = compute_canonical_bytes(case["notice"])
+    assert canonical.decode() == case["canonical_utf8"]
+    preimage = case["domain"].encode() + b"\x00" + canonical
+    assert preimage.hex() == case["digest_preimage_hex"]
+    assert hashlib.sha256(preimage).hexdigest() == case["digest"]
+    message = case["message_utf8"].encode()
+    assert message == compute_canonical_bytes(case["signed_notice"])
+    notice = verify_notice(message, registry=VECTOR_REGISTRY, now=VECTOR_NOW)
+    assert notice.notice_type.value == case["type"]
+    assert notice.to_wire() == case["notice"]
+    assert notice.compute_digest().hex() == case["digest"]
+
+
+def test_vector_snapshot_parts() -> None:
+    case = VECTOR["snapshot_parts"]
+    leaves = [compute_canonical_bytes(line) for line in case["lines"]]
+    hashes = [hashlib.sha256(b"\x00" + leaf).hexdigest() for leaf in leaves]
+    assert hashes == case["leaf_hashes"]
+    lines = tuple(PositionLine.from_wire(line) for line in case["lines"])
+    assert compute_lines_root(lines).hex() == case["lines_root"]
+    parts = [
+        verify_notice(compute_canonical_bytes(p), registry=VECTOR_REGISTRY, now=VECTOR_NOW)
+        for p in case["signed_parts"]
+    ]
+    assert all(isinstance(p, PositionsSnapshot) for p in parts)
+    assert combine_snapshot_parts(p for p in parts if isinstance(p, PositionsSnapshot)) == lines
+
+
+@pytest.mark.parametrize("case", VECTOR["cases"], ids=lambda c: c["description"])
+def test_vector_cases(case: dict[str, Any]) -> None:
+    now = parse_timestamp(case.get("now", VECTOR["now"]))
+    data = case["message_utf8"].encode()
+    outcome = reason(lambda: verify_notice(data, registry=VECTOR_REGISTRY, now=now))
+    assert outcome == case["expected"]
+
+
+def _as_message(rec: dict[str, Any]) -> OutboundMessage:
+    return OutboundMessage(
+        topic=rec["topic"],
+        key=rec["key_utf8"].encode(),
+        value=rec["value_utf8"].encode(),
+        headers=tuple((n, v.encode()) for n, v in rec["headers"]),
+    )
+
+
+def test_vector_records() -> None:
+    records = VECTOR["records"]
+    for name in ("margin_call", "liquidation_due", "positions_snapshot_part_1"):
+        message = _as_message(records[name])
+        decoded = decode_message(message.topic, message.key, message.value, message.headers)
+        assert isinstance(decoded.body, SignedNotice)
+        assert encode_notice(decoded.body) == message
+        verify_notice(decoded.body, registry=VECTOR_REGISTRY, now=VECTOR_NOW)
+    exposure = records["exposure_report"]
+    report = ExposureReport.from_wire(exposure["input"])
+    assert encode_exposure_report(report) == _as_message(exposure)
+
+
+def test_notice_vectors_are_up_to_date() -> None:
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_notice_vectors.py"
+    spec = importlib.util.spec_from_file_location("make_notice_vectors", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    assert module.render(module.build()) == (VECTORS / "notices.json").read_text(), (
+        "run .venv/bin/python scripts/make_notice_vectors.py"
+    )

@@ -157,8 +157,10 @@ def head_to_wire(head: ChainHead) -> JsonObject:
 def test_every_file_is_described_and_nothing_else_is_there() -> None:
     generator = _generator()
     on_disk = sorted(path.name for path in VECTORS.glob("*.json"))
-    # transport.json belongs to the transport layer (scripts/make_transport_vectors.py).
-    assert on_disk == sorted((*generator.FILES, "transport.json"))
+    # transport.json belongs to the transport layer (scripts/make_transport_vectors.py) and
+    # notices.json to the exchange's notices (scripts/make_notice_vectors.py, checked in
+    # tests/test_notices.py).
+    assert on_disk == sorted((*generator.FILES, "transport.json", "notices.json"))
     for name in on_disk:
         description = load(name)["description"]
         assert isinstance(description, str)
