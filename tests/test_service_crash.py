@@ -115,10 +115,10 @@ def run_worker(mode: str, url: str, log_path: Path, settings: KafkaSettings, pre
     )
     try:
         stdout, stderr = worker.communicate(timeout=WORKER_TIMEOUT_S)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.communicate()
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        stdout, stderr = worker.communicate()
+        pytest.fail(f"the worker hung: {stdout[-500:]!r}\n{stderr[-6000:]}")
     assert worker.returncode == -signal.SIGKILL, (
         f"worker exited with {worker.returncode}: {stdout[-500:]!r} {stderr[-2000:]}"
     )
