@@ -1,0 +1,406 @@
+"""The exchange's attestation consumer: verify each statement, then credit it, in one transaction.
+
+:class:`AttestationConsumer` is a :class:`bridge.consumer.ConsumerBase` on the attestations topic
+for one exchange and the custodians it takes statements from. For each complete entry (a
+statement and its whole leaf disclosure) :meth:`~AttestationConsumer.apply`:
+
+1. refuses a stream that is not one of its own (``wrong_stream``) or is frozen after a fork
+   (``stream_frozen``);
+2. verifies the statement completely (:func:`attestations.verify.verify_statement`) against the
+   stream's chain head, digest history and receiver trees; while the stream awaits the snapshot it
+   asked for after a gap, a snapshot at or above the missing sequence is accepted as a
+   resynchronisation;
+3. works out what the statement credits (:func:`compute_credited_statement`: the holdings its
+   disclosure sets or clears, the complete set for a snapshot) and lets the ledger plan it;
+4. writes the receiver state (:func:`exchange.store.persist_statement`), the ledger change
+   (:func:`exchange.store.persist_change`) and the change's notices
+   (:meth:`~AttestationConsumer.publish_notices`) through the consumer's session: they commit
+   with the consumer's progress, or not at all;
+5. returns the after-commit step: apply the trees plan and the ledger change in memory.
+
+A refused statement is dead-lettered by the base; :meth:`~AttestationConsumer.rejected` adds, in
+the dead letter's transaction: for a fork, the stream's freeze, an alert row and an error log;
+for a sequence gap (unless the stream already awaits a snapshot), the mark "awaiting snapshot" and
+a snapshot request in the exchange's outbox (``instructions`` topic). Other refusals change
+nothing but the dead letter.
+
+What it does not do: sign or publish notices (:meth:`~AttestationConsumer.publish_notices` stores
+them; the service replaces it with signed margin calls in the outbox), evaluate deadlines on a
+timer, take exposures, or run the outbox relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Self
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from attestations.canonical import truncate_to_millis
+from attestations.disclosure import LeafDisclosure, ReceiverTrees
+from attestations.errors import (
+    ConfigurationError,
+    CounterpartyError,
+    ForkDetected,
+    InvariantViolation,
+    SequenceGap,
+    WrongStream,
+)
+from attestations.keys import KeyRegistry
+from attestations.statement import StatementKind
+from attestations.verify import VerificationPolicy, VerifiedStatement, verify_statement
+from bridge.consumer import AfterCommit, ConsumerBase, Delivery
+from bridge.envelope import DEFAULT_BUDGET_BYTES, SnapshotRequest, encode_snapshot_request
+from bridge.kafka import KafkaSettings
+from bridge.outbox import OutboxRelay, enqueue
+from bridge.topics import (
+    DEFAULT_CATALOGUE,
+    TopicCatalogue,
+    TopicKind,
+    compute_stream_key,
+    parse_stream_key,
+)
+from exchange.errors import StreamFrozen
+from exchange.ledger import CreditedStatement, Holding, LedgerChange, MarginLedger, StreamHead
+from exchange.policy import CollateralPolicy
+from exchange.store import (
+    StoredStream,
+    check_schema,
+    load_ledger,
+    migrate,
+    persist_change,
+    persist_notices,
+    persist_statement,
+    record_alert,
+)
+
+logger = logging.getLogger(__name__)
+
+FORK_ALERT: Final = "fork"
+SNAPSHOT_REQUEST_REASON: Final = "sequence_gap"
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _awaited(awaiting: int | None, stored: StoredStream) -> int | None:
+    """The sequence a resynchronising snapshot must reach: the one asked for, or just after
+    the head when statements that linked to it arrived after the request (a late delivery)."""
+    if awaiting is None or stored.head is None:
+        return awaiting
+    return max(awaiting, stored.head.sequence + 1)
+
+
+# --- what a statement credits (pure) ------------------------------------------------------------
+
+
+def compute_credited_statement(
+    verified: VerifiedStatement,
+    disclosure: LeafDisclosure,
+    *,
+    receiver: ReceiverTrees,
+    quote: str,
+) -> CreditedStatement:
+    """What ``verified`` (checked against ``receiver``, whose trees are still those of the
+    previous statement) credits: for a snapshot every disclosed holding; for a delta the holdings
+    its set leaves give a new quantity, and those whose slot it empties or hands to another
+    account (quantity 0 unless the account is set again elsewhere in the same delta). Prices are
+    the statement's in ``quote`` (the ledger ignores the others)."""
+    statement = verified.statement
+    changed: dict[Holding, int] = {}
+    if statement.kind is StatementKind.DELTA:
+        # Holdings leaving a slot first; a set leaf below restores an account that moved.
+        for slot in disclosure.clear:
+            owner = receiver.account_at(slot.asset, slot.position)
+            if owner is not None:
+                changed[owner, slot.asset] = 0
+        for leaf in disclosure.set_leaves:
+            owner = receiver.account_at(leaf.asset, leaf.position)
+            if owner is not None and owner != leaf.account:
+                changed.setdefault((owner, leaf.asset), 0)
+    for leaf in disclosure.set_leaves:
+        changed[leaf.account, leaf.asset] = leaf.quantity
+    points = sorted(
+        (p for p in statement.prices if p.price.quote == quote), key=lambda p: p.observed_at
+    )
+    stream = compute_stream_key(custodian=statement.custodian, exchange=statement.exchange)
+    head = StreamHead(
+        stream=stream,
+        custodian=statement.custodian,
+        sequence=statement.sequence,
+        digest=verified.digest,
+        kind=statement.kind.value,
+        issued_at=statement.issued_at,
+        expires_at=statement.expires_at,
+    )
+    return CreditedStatement(
+        stream=stream,
+        custodian=statement.custodian,
+        head=head,
+        changed=changed,
+        snapshot=statement.kind is StatementKind.SNAPSHOT,
+        prices={point.price.asset: point.price for point in points},
+    )
+
+
+# --- the consumer -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AttestationMetrics:
+    """Counters since the consumer was created (exported by the service)."""
+
+    credited: int = 0
+    """Statements verified, credited and committed."""
+    resynchronised: int = 0
+    """Snapshots accepted without linking to the head (after a gap)."""
+    forks: int = 0
+    """Streams frozen after a fork."""
+    snapshot_requests: int = 0
+    notices: int = 0
+
+
+@dataclass
+class AttestationConsumer(ConsumerBase):
+    """Verifies and credits the statements of ``exchange`` from ``custodians``. Build it with
+    :meth:`open` (which migrates the database and loads the ledger) or pass ``ledger`` and
+    ``streams`` as :func:`exchange.store.load_ledger` returned them.
+
+    ``ledger`` and ``streams`` are changed only by the after-commit steps, under ``effect_lock``
+    (give the service's lock when other writers share the ledger)."""
+
+    exchange: str = ""
+    custodians: Sequence[str] = ()
+    registry: KeyRegistry | None = None
+    decimals: Mapping[str, int] = field(default_factory=dict)
+    policy: CollateralPolicy | None = None
+    verification: VerificationPolicy = field(default_factory=VerificationPolicy)
+    clock: Callable[[], datetime] = _utc_now
+    ledger: MarginLedger | None = None
+    streams: dict[str, StoredStream] | None = None
+    relay: OutboxRelay | None = None
+    """Woken after a snapshot request commits, so it is published at once."""
+    budget_bytes: int = DEFAULT_BUDGET_BYTES
+    exchange_metrics: AttestationMetrics = field(default_factory=AttestationMetrics)
+
+    def __post_init__(self) -> None:
+        if not self.exchange:
+            raise ConfigurationError("the attestation consumer needs its exchange id")
+        if isinstance(self.custodians, str) or not self.custodians:
+            raise ConfigurationError("the attestation consumer needs at least one custodian")
+        for custodian in self.custodians:
+            parse_stream_key(f"{custodian}/{self.exchange}")
+        if self.registry is None or self.policy is None:
+            raise ConfigurationError("the attestation consumer needs a key registry and a policy")
+        super().__post_init__()
+        check_schema(self.engine)
+        if self.ledger is None:
+            self.ledger, self.streams = load_ledger(self.engine, self.policy, self.decimals)
+        elif self.streams is None:
+            raise ConfigurationError("pass the streams loaded with the ledger")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def open(
+        cls,
+        engine: Engine,
+        settings: KafkaSettings,
+        *,
+        exchange: str,
+        custodians: Sequence[str],
+        registry: KeyRegistry,
+        decimals: Mapping[str, int],
+        policy: CollateralPolicy,
+        catalogue: TopicCatalogue = DEFAULT_CATALOGUE,
+        migrate_schema: bool = True,
+        **options: Any,
+    ) -> Self:
+        """Migrate the database (unless ``migrate_schema`` is false), load the ledger and return
+        the consumer of ``exchange``'s attestations topic. ``options`` are further fields
+        (verification, clock, relay, effect_lock, backoff, ...)."""
+        if migrate_schema:
+            migrate(engine)
+        return cls(
+            engine=engine,
+            settings=settings,
+            name=options.pop("name", f"{exchange}/attestations"),
+            topics=[catalogue.name(TopicKind.ATTESTATIONS)],
+            source=options.pop("source", f"/exchanges/{exchange}/attestations"),
+            catalogue=catalogue,
+            exchange=exchange,
+            custodians=tuple(custodians),
+            registry=registry,
+            decimals=dict(decimals),
+            policy=policy,
+            **options,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await ConsumerBase.run(self, stop)
+        finally:
+            self._loop = None
+
+    # --- accessors (for the service and tests) --------------------------------------------------
+
+    @property
+    def margin_ledger(self) -> MarginLedger:
+        if self.ledger is None:
+            raise InvariantViolation("the consumer has no ledger")
+        return self.ledger
+
+    def stored_stream(self, stream: str) -> StoredStream:
+        """The receiver state of ``stream`` (empty trees before its first statement)."""
+        if self.streams is None:
+            raise InvariantViolation("the consumer has no streams")
+        found = self.streams.get(stream)
+        return found if found is not None else StoredStream(ReceiverTrees(self.decimals))
+
+    def _check_stream(self, stream: str | None) -> tuple[str, str, str]:
+        if stream is None:
+            raise WrongStream("the attestations topic carries statements only")
+        custodian, exchange = parse_stream_key(stream)
+        if exchange != self.exchange or custodian not in self.custodians:
+            raise WrongStream(f"{stream} is not a stream of {self.exchange} from a known custodian")
+        return stream, custodian, exchange
+
+    # --- the effect -----------------------------------------------------------------------------
+
+    def apply(self, session: Session, delivery: Delivery) -> AfterCommit | None:
+        stream, custodian, exchange = self._check_stream(delivery.stream)
+        ledger = self.margin_ledger
+        status = ledger.stream_status(stream)
+        if status is not None and status.frozen:
+            raise StreamFrozen(f"{stream} is frozen: {status.frozen_reason}")
+        disclosure = delivery.disclosure
+        if disclosure is None:
+            raise InvariantViolation("the attestation consumer needs require_disclosure")
+        stored = self.stored_stream(stream)
+        now = self.clock()
+        awaiting = _awaited(status.awaiting_snapshot_from if status else None, stored)
+        if self.registry is None or self.policy is None:
+            raise InvariantViolation("the consumer lost its registry or policy")
+        verified = verify_statement(
+            delivery.statement,
+            custodian=custodian,
+            exchange=exchange,
+            registry=self.registry,
+            head=stored.head,
+            now=now,
+            receiver=stored.receiver,
+            disclosure=disclosure,
+            history=stored.history,
+            policy=self.verification,
+            resync_from=awaiting,
+        )
+        credited = compute_credited_statement(
+            verified, disclosure, receiver=stored.receiver, quote=self.policy.quote
+        )
+        change = ledger.plan_statement(
+            credited, now=now, resync_from=awaiting if verified.resynchronised else None
+        )
+        persist_statement(session, verified, disclosure, now=now)
+        persist_change(session, change, price_points={stream: verified.statement.prices}, now=now)
+        self.publish_notices(session, change)
+
+        def after() -> None:
+            verified.trees_plan.apply()
+            ledger.apply(change)
+            stored.head = verified.head
+            stored.history[verified.head.sequence] = verified.digest
+            if self.streams is not None:
+                self.streams[stream] = stored
+            self.exchange_metrics.credited += 1
+            self.exchange_metrics.resynchronised += int(verified.resynchronised)
+            self.exchange_metrics.notices += len(change.notices)
+
+        return after
+
+    def publish_notices(self, session: Session, change: LedgerChange) -> None:
+        """Put ``change``'s margin calls and liquidation-due notices on their way, in the
+        change's transaction. Here they are stored unpublished (``exchange_notices``), never
+        dropped; the exchange service overrides this to sign them and enqueue them in the outbox
+        (and may then leave the table empty)."""
+        persist_notices(session, change.notices)
+
+    # --- refusals -------------------------------------------------------------------------------
+
+    def rejected(
+        self, session: Session, delivery: Delivery | None, error: CounterpartyError
+    ) -> AfterCommit | None:
+        if delivery is None or delivery.stream is None:
+            return None
+        try:
+            stream, custodian, exchange = self._check_stream(delivery.stream)
+        except CounterpartyError:
+            return None  # not one of our streams: nothing of ours to freeze or resynchronise
+        if isinstance(error, ForkDetected):
+            return self._freeze(session, stream, delivery, error)
+        if isinstance(error, SequenceGap):
+            return self._request_snapshot(session, stream, custodian, exchange)
+        return None
+
+    def _freeze(
+        self, session: Session, stream: str, delivery: Delivery, error: ForkDetected
+    ) -> AfterCommit | None:
+        ledger = self.margin_ledger
+        now = self.clock()
+        reason = f"fork at sequence {delivery.sequence}: {error}"[:1000]
+        change = ledger.plan_freeze(stream, reason=reason, now=now)
+        persist_change(session, change, now=now)
+        record_alert(session, kind=FORK_ALERT, stream=stream, detail=reason, at=now)
+        logger.error("%s: credit frozen: %s", stream, reason)
+
+        def after() -> None:
+            ledger.apply(change)
+            self.exchange_metrics.forks += 1
+
+        return after
+
+    def _request_snapshot(
+        self, session: Session, stream: str, custodian: str, exchange: str
+    ) -> AfterCommit | None:
+        ledger = self.margin_ledger
+        status = ledger.stream_status(stream)
+        head = None if status is None else status.head
+        from_sequence = 1 if head is None else head.sequence + 1
+        if status is not None and status.awaiting_snapshot_from == from_sequence:
+            return None  # asked already; the snapshot (or the next periodic one) will come
+        now = self.clock()
+        change = ledger.plan_await_snapshot(stream, from_sequence=from_sequence, now=now)
+        persist_change(session, change, now=now)
+        request = SnapshotRequest(
+            custodian=custodian,
+            exchange=exchange,
+            from_sequence=from_sequence,
+            reason=SNAPSHOT_REQUEST_REASON,
+            requested_at=truncate_to_millis(now),
+        )
+        message = encode_snapshot_request(
+            request, catalogue=self.catalogue, budget_bytes=self.budget_bytes
+        )
+        enqueue(session, [message], sequence=from_sequence, now=now)
+        logger.warning("%s: sequence gap; snapshot requested from %d", stream, from_sequence)
+
+        def after() -> None:
+            ledger.apply(change)
+            self.exchange_metrics.snapshot_requests += 1
+            self._wake_relay()
+
+        return after
+
+    def _wake_relay(self) -> None:
+        relay, loop = self.relay, self._loop
+        if relay is None:
+            return
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(relay.wake)  # the relay's event belongs to that loop
+        else:
+            relay.wake()
