@@ -313,7 +313,7 @@ class MarginDesk:
 
     def _open_margin_call(self, notice: Notice) -> tuple[str, datetime] | None:
         """(id, deadline) of the margin call the client is in before this change, or None."""
-        margin = self.ledger.state().margins.get(notice.client)
+        margin = self.ledger.client_margin(notice.client)
         if margin is None or margin.state is not MarginState.MARGIN_CALL or margin.deadline is None:
             return None
         call_id = compute_notice_id(

@@ -534,6 +534,10 @@ class MarginLedger:
     def streams(self) -> dict[str, StreamStatus]:
         return dict(self._streams)
 
+    def client_margin(self, client: str) -> ClientMargin | None:
+        """The client's stored margin state (None when it never left the default, healthy)."""
+        return self._margins.get(client)
+
     def clients(self) -> list[str]:
         """Every client the ledger knows: with positions, an exposure report or a margin state."""
         return sorted(set(self._holdings) | set(self._exposures) | set(self._margins))
