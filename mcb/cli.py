@@ -54,6 +54,7 @@ from custodian.book import (
     compute_command_json,
 )
 from custodian.epochs import compute_client_proof as compute_epoch_client_proof
+from custodian.instructions import create_instruction_consumer
 from custodian.prices import FilePriceSource
 from custodian.service import AttestationService, restore_epoch_state
 from custodian.store import CustodyBook
@@ -368,9 +369,9 @@ async def serve(
     stop: asyncio.Event,
     on_ready: Callable[[list[Any]], None],
 ) -> None:
-    """Run the stream's attestation service, outbox relay and HTTP API until ``stop`` is set,
-    then wait for all three. If one of them fails, the others are stopped and the error
-    propagates."""
+    """Run the stream's attestation service, outbox relay, instructions consumer (snapshot
+    requests) and HTTP API until ``stop`` is set, then wait for all four. If one of them fails,
+    the others are stopped and the error propagates."""
     serve_config = config.serve
     exchange = serve_config.require("exchange")
     tokens = TokenStore.load(Path(serve_config.require("token_file")))
@@ -396,9 +397,16 @@ async def serve(
             log=log,
             relay=relay,
         )
+        # The in-process co-signers start without any record of the stream and accept only a
+        # snapshot first: without this, a restarted serve would have every delta refused.
+        service.request_snapshot()
+        instructions = create_instruction_consumer(
+            custodian=config.custodian, services=[service], settings=kafka
+        )
         app = create_app(service=service, tokens=tokens, log=log, signer=signer)
         tasks = [
             asyncio.create_task(relay.run(stop), name="outbox-relay"),
+            asyncio.create_task(instructions.run(stop), name="instructions-consumer"),
             asyncio.create_task(
                 service.run(
                     stop, interval_s=serve_config.interval_s, debounce_s=serve_config.debounce_s
