@@ -18,7 +18,9 @@ apply). The base:
 * stores its progress in the *same* transaction as the effect: per stream the last applied
   sequence (``consumer_stream_progress``), per (topic, partition) the last offset handled and a
   fingerprint of the record there (``consumer_progress``). The stream sequence is the truth: a
-  record whose sequence is not above the stored one is a duplicate and has no effect. Kafka
+  record whose sequence is not above the stored one is a duplicate and has no effect (a
+  subclass that keeps the digests it accepted lets a *different* statement at such a sequence
+  through :meth:`ConsumerBase.is_applied`, to be refused as the fork it is). Kafka
   offsets are only a position hint, committed to the group after the database commit;
 * on assignment seeks to the stored offset and checks that the record there is the one it read
   (fingerprint). A broker that lost its data restarts offsets at 0: when the log ends before the
@@ -78,6 +80,7 @@ from attestations.disclosure import LeafDisclosure
 from attestations.errors import (
     ConfigurationError,
     CounterpartyError,
+    InvariantViolation,
     TransientError,
 )
 from attestations.statement import SignedStatement
@@ -496,7 +499,7 @@ class ConsumerBase(abc.ABC):
     ) -> tuple[Delivery, ConsumerRecord[bytes, bytes]] | None:
         statement = body.statement
         stream = compute_stream_key(custodian=statement.custodian, exchange=statement.exchange)
-        if self._is_applied(stream, statement.sequence):
+        if self._is_applied(stream, statement.sequence, body.digest):
             return None
         if not self.require_disclosure:
             return self._delivery(decoded, None, stream, statement.sequence, record), record
@@ -514,7 +517,7 @@ class ConsumerBase(abc.ABC):
     def _collect_chunk(
         self, body: DisclosureChunk, record: ConsumerRecord[bytes, bytes]
     ) -> tuple[Delivery, ConsumerRecord[bytes, bytes]] | None:
-        if self._is_applied(body.stream, body.sequence):
+        if self._is_applied(body.stream, body.sequence, body.statement_digest):
             return None
         completed = self._reassembler.add(body, now_s=time.monotonic())
         self.metrics.evicted += len(self._reassembler.take_evictions())
@@ -547,11 +550,24 @@ class ConsumerBase(abc.ABC):
             offset=record.offset,
         )
 
-    def _is_applied(self, stream: str, sequence: int) -> bool:
+    def is_applied(
+        self, stream: str, sequence: int, digest: bytes | None, *, stored_sequence: int
+    ) -> bool:
+        """Whether the statement ``digest`` at ``sequence`` of ``stream`` is one this consumer
+        applied already (a redelivery, dropped without effect), given the last sequence it
+        stored for the stream. By default every sequence up to the stored one is: the sequence
+        is the truth. A receiver that remembers the digests it accepted overrides this so that a
+        *different* statement at an applied sequence - a fork - still reaches :meth:`apply`,
+        which refuses it (and :meth:`rejected` freezes the stream). ``digest`` is None when the
+        delivery carries no statement digest."""
+        del stream, digest
+        return sequence <= stored_sequence
+
+    def _is_applied(self, stream: str, sequence: int, digest: bytes | None) -> bool:
         # Cached per stream between commits would be faster; a read keeps several consumer
         # instances (during a rebalance) correct.
         stored = self.stored_sequence(stream)
-        if stored is not None and sequence <= stored:
+        if stored is not None and self.is_applied(stream, sequence, digest, stored_sequence=stored):
             self.metrics.duplicates += 1
             return True
         return False
@@ -611,22 +627,30 @@ class ConsumerBase(abc.ABC):
         def work(session: Session) -> tuple[bool, AfterCommit | None]:
             after: AfterCommit | None
             if delivery.stream is not None and delivery.sequence is not None:
+                body = delivery.message.body
+                digest = body.digest if isinstance(body, SignedStatement) else None
                 stored = _load_sequence(
                     session, consumer=self.name, stream=delivery.stream, lock=True
                 )
-                if stored is not None and delivery.sequence <= stored:
+                if stored is not None and self.is_applied(
+                    delivery.stream, delivery.sequence, digest, stored_sequence=stored
+                ):
                     return False, None
                 after = self.apply(session, delivery)
-                digest = None
-                if isinstance(delivery.message.body, SignedStatement):
-                    digest = delivery.message.body.digest.hex()
+                if stored is not None and delivery.sequence <= stored:
+                    # is_applied let an old sequence through so apply could refuse it (a fork);
+                    # accepting it would move the stream's progress backwards.
+                    raise InvariantViolation(
+                        f"{delivery.stream}: apply accepted sequence {delivery.sequence} at or "
+                        f"below the stored {stored}"
+                    )
                 _upsert(
                     session,
                     stream_progress_table,
                     keys={"consumer": self.name, "stream": delivery.stream},
                     values={
                         "last_sequence": delivery.sequence,
-                        "statement_digest": digest,
+                        "statement_digest": None if digest is None else digest.hex(),
                         "updated_at": datetime.now(UTC),
                     },
                 )

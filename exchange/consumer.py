@@ -271,6 +271,21 @@ class AttestationConsumer(ConsumerBase):
             raise WrongStream(f"{stream} is not a stream of {self.exchange} from a known custodian")
         return stream, custodian, exchange
 
+    def is_applied(
+        self, stream: str, sequence: int, digest: bytes | None, *, stored_sequence: int
+    ) -> bool:
+        """A statement at an applied sequence is a redelivery only if it is the statement
+        accepted there: another one is a fork, and goes on to :meth:`apply`, which refuses it
+        (verification reports the fork from the digest history) so that :meth:`rejected`
+        freezes the stream. A sequence whose digest is not known here is treated as applied."""
+        if sequence > stored_sequence:
+            return False
+        if digest is None or self.streams is None:
+            return True
+        found = self.streams.get(stream)
+        known = None if found is None else found.history.get(sequence)
+        return known is None or known == digest
+
     # --- the effect -----------------------------------------------------------------------------
 
     def apply(self, session: Session, delivery: Delivery) -> AfterCommit | None:
