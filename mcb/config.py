@@ -39,19 +39,52 @@ The file (every key optional; the defaults are shown)::
     key_label = "attestation"
     pin_file = "..."                  # or the PIN in $MCB_HSM_PIN; never on the command line
 
+    [exchange]                        # ``mcb exchange ...`` only
+    id = "exchange-one"               # required by serve: this exchange's party id
+    database_url = "sqlite:///var/exchange.sqlite3"
+    host = "127.0.0.1"
+    port = 8090                       # 0 picks a free port (the bound address is printed)
+    url = "http://127.0.0.1:8090"     # where the operator commands reach the API (default:
+                                      # from host and port)
+    token_file = "..."                # required by serve: "<sha256 hex> <principal>" lines
+    evaluate_interval_s = 5.0         # margin deadlines and staleness, re-evaluated this often
+
+    [exchange.custodians.custodian-bank]   # one table per custodian taken statements from
+    registry_file = "..."             # the key registry JSON that custodian publishes
+
+    [exchange.policy]                 # overrides of the default collateral policy
+    quote = "USD"
+    quote_decimals = 2
+    leverage_bps = 20000
+    margin_call_bps = 10000
+    liquidation_bps = 8000
+    margin_call_deadline_s = 14400
+    stale_after_s = 180
+    zero_grace_s = 900
+
+    [exchange.policy.rates_bps]       # entries replace the default rate of that asset
+    BTC = 8000
+
+    [exchange.hsm]                    # the exchange's notice key; keys as in [hsm]
+    token_label = "..."
+
 Environment overrides (they win over the file): ``MCB_DATABASE_URL``, ``MCB_SALT_SECRET_FILE``,
 ``MCB_HSM_PIN`` (the token PIN, which the file can only name by path) and every ``MCB_KAFKA_*``
-name of :func:`bridge.kafka.settings_from_env`, which validates the Kafka settings.
+name of :func:`bridge.kafka.settings_from_env`, which validates the Kafka settings. For the
+exchange: ``MCB_EXCHANGE_DATABASE_URL``, ``MCB_EXCHANGE_URL`` and ``MCB_EXCHANGE_HSM_PIN``
+(``MCB_EXCHANGE_TOKEN``, the operator's bearer token, is read by the command line only).
 ``MCB_CONFIG`` names the file when ``--config`` is not given.
 
-What it does not do: open the database, read the salt secret or the PIN, or connect to Kafka.
+What it does not do: open the database, read the salt secret, the PIN or a key registry, or
+connect to Kafka.
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -64,11 +97,20 @@ from attestations.statement import validate_party
 from bridge.kafka import ENV_PREFIX as KAFKA_ENV_PREFIX
 from bridge.kafka import KafkaSettings, settings_from_env
 from custodian.service import DEFAULT_DEBOUNCE_S, DEFAULT_INTERVAL_S
+from exchange.errors import InvalidPolicy
+from exchange.policy import CollateralPolicy
 
 ENV_CONFIG: Final = "MCB_CONFIG"
 ENV_DATABASE_URL: Final = "MCB_DATABASE_URL"
 ENV_SALT_SECRET_FILE: Final = "MCB_SALT_SECRET_FILE"  # noqa: S105 (a variable name, no secret)
 ENV_HSM_PIN: Final = "MCB_HSM_PIN"
+ENV_EXCHANGE_DATABASE_URL: Final = "MCB_EXCHANGE_DATABASE_URL"
+ENV_EXCHANGE_URL: Final = "MCB_EXCHANGE_URL"
+ENV_EXCHANGE_HSM_PIN: Final = "MCB_EXCHANGE_HSM_PIN"
+ENV_EXCHANGE_TOKEN: Final = "MCB_EXCHANGE_TOKEN"  # noqa: S105 (a variable name, no secret)
+DEFAULT_EXCHANGE_DATABASE_URL: Final = "sqlite:///var/exchange.sqlite3"
+DEFAULT_EXCHANGE_PORT: Final = 8090
+DEFAULT_EVALUATE_INTERVAL_S: Final = 5.0
 DEFAULT_TRANSLOG_PATH: Final = "var/translog.sqlite3"
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8080
@@ -78,13 +120,25 @@ DEFAULT_DATABASE_URL: Final = "sqlite:///var/custodian.sqlite3"
 DEFAULT_ASSETS: Final = (Asset("BENJI", 6), Asset("USDC", 6), Asset("BTC", 8), Asset("ETH", 18))
 SUPPORTED_BACKENDS: Final = frozenset({"sqlite", "postgresql"})
 
-_SECTIONS: Final = frozenset({"custodian", "assets", "kafka", "serve", "hsm"})
+_SECTIONS: Final = frozenset({"custodian", "assets", "kafka", "serve", "hsm", "exchange"})
 _CUSTODIAN_KEYS: Final = frozenset({"id", "database_url", "salt_secret_file"})
 _SERVE_STRINGS: Final = frozenset(
     {"exchange", "translog_path", "host", "token_file", "price_file", "cosigner_seeds_file"}
 )
 _SERVE_NUMBERS: Final = frozenset({"port", "quorum", "interval_s", "debounce_s"})
 _HSM_KEYS: Final = frozenset({"library_path", "token_label", "key_label", "pin_file"})
+_EXCHANGE_STRINGS: Final = frozenset({"id", "database_url", "host", "url", "token_file"})
+_EXCHANGE_TABLES: Final = frozenset({"custodians", "policy", "hsm"})
+_EXCHANGE_KEYS: Final = _EXCHANGE_STRINGS | _EXCHANGE_TABLES | {"port", "evaluate_interval_s"}
+_POLICY_INTS: Final = frozenset(
+    {"quote_decimals", "leverage_bps", "margin_call_bps", "liquidation_bps"}
+)
+_POLICY_SECONDS: Final = {
+    "margin_call_deadline_s": "margin_call_deadline",
+    "stale_after_s": "stale_after",
+    "zero_grace_s": "zero_grace",
+}
+_POLICY_KEYS: Final = _POLICY_INTS | set(_POLICY_SECONDS) | {"quote", "rates_bps"}
 
 
 class InvalidConfiguration(ConfigurationError):
@@ -144,6 +198,61 @@ class ServeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CustodianSource:
+    """A custodian the exchange takes statements from, and the file of the key registry that
+    custodian publishes (its HSM key, its co-signers and their quorum)."""
+
+    id: str
+    registry_file: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeConfig:
+    """What ``mcb exchange`` needs. ``id``, ``token_file`` and at least one custodian are
+    required by serve (:meth:`require`), not by the operator commands, which only need
+    :attr:`api_url`."""
+
+    id: str | None = None
+    database_url: str = DEFAULT_EXCHANGE_DATABASE_URL
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_EXCHANGE_PORT
+    url: str | None = None
+    token_file: str | None = None
+    evaluate_interval_s: float = DEFAULT_EVALUATE_INTERVAL_S
+    custodians: tuple[CustodianSource, ...] = ()
+    policy: CollateralPolicy = field(default_factory=CollateralPolicy.default)
+    hsm: HsmConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.id is not None:
+            try:
+                validate_party(self.id, what="exchange")
+            except BridgeError as exc:
+                raise InvalidConfiguration(f"[exchange] id: {exc}") from exc
+        check_database_url(self.database_url, where="[exchange] database_url")
+        if not 0 <= self.port < 65536:
+            raise InvalidConfiguration(f"[exchange] port must be in 0..65535, not {self.port}")
+        if not self.evaluate_interval_s > 0:
+            raise InvalidConfiguration("[exchange] evaluate_interval_s must be positive")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise InvalidConfiguration("[exchange] url must start with http:// or https://")
+
+    @property
+    def api_url(self) -> str:
+        """Where the operator commands reach the API: ``url``, else ``http://host:port``."""
+        if self.url is not None:
+            return self.url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104
+        return f"http://{host}:{self.port}"
+
+    def require(self, name: str) -> str:
+        value = getattr(self, name)
+        if not isinstance(value, str):
+            raise InvalidConfiguration(f"exchange serve needs {name} in [exchange]")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
 class CustodianConfig:
     """What the ``mcb custodian`` commands need. ``kafka`` is None when no bootstrap server is
     configured (the book commands do not need one)."""
@@ -155,6 +264,7 @@ class CustodianConfig:
     kafka: KafkaSettings | None = None
     serve: ServeConfig = ServeConfig()
     hsm: HsmConfig | None = None
+    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
 
     def __post_init__(self) -> None:
         check_database_url(self.database_url)
@@ -256,28 +366,131 @@ def parse_serve(table: Mapping[str, Any], *, source: str) -> ServeConfig:
         raise InvalidConfiguration(f"{source}: {exc}") from exc
 
 
-def parse_hsm(table: Mapping[str, Any], *, source: str) -> HsmConfig | None:
-    """The [hsm] table (None when absent). A ``pin`` key is refused: the PIN goes in a file or
-    in ``$MCB_HSM_PIN``, never in the configuration."""
+def parse_hsm(
+    table: Mapping[str, Any], *, source: str, name: str = "hsm", pin_env: str = ENV_HSM_PIN
+) -> HsmConfig | None:
+    """The [hsm] table (or [exchange.hsm]: ``name``; None when absent). A ``pin`` key is
+    refused: the PIN goes in a file or in ``$pin_env``, never in the configuration."""
     if not table:
         return None
     if "pin" in table:
         raise InvalidConfiguration(
-            f"{source}: [hsm] pin is not accepted: put the PIN in a file named by pin_file, or "
-            f"in ${ENV_HSM_PIN}"
+            f"{source}: [{name}] pin is not accepted: put the PIN in a file named by pin_file, "
+            f"or in ${pin_env}"
         )
-    _check_keys(table, _HSM_KEYS, name="hsm", source=source)
+    _check_keys(table, _HSM_KEYS, name=name, source=source)
     for key, value in table.items():
         if not isinstance(value, str) or not value.strip():
-            raise InvalidConfiguration(f"{source}: [hsm] {key} must be a non-empty string")
+            raise InvalidConfiguration(f"{source}: [{name}] {key} must be a non-empty string")
     if "token_label" not in table:
-        raise InvalidConfiguration(f"{source}: [hsm] token_label is required")
+        raise InvalidConfiguration(f"{source}: [{name}] token_label is required")
     return HsmConfig(
         token_label=table["token_label"],
         library_path=table.get("library_path"),
         key_label=table.get("key_label", DEFAULT_HSM_KEY_LABEL),
         pin_file=table.get("pin_file"),
     )
+
+
+def parse_policy(table: Mapping[str, Any], *, source: str) -> CollateralPolicy:
+    """[exchange.policy]: overrides of :meth:`CollateralPolicy.default`. Durations are whole
+    seconds (``*_s``); ``rates_bps`` entries replace the default rate of the assets they name
+    (0: not collateral). The policy checks its own consistency (a liquidation line below the
+    margin-call level, rates within 0..10,000 bp)."""
+    _check_keys(table, frozenset(_POLICY_KEYS), name="exchange.policy", source=source)
+    overrides: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "quote":
+            if not isinstance(value, str):
+                raise InvalidConfiguration(f"{source}: [exchange.policy] quote must be a string")
+            overrides["quote"] = value
+        elif key == "rates_bps":
+            if not isinstance(value, Mapping):
+                raise InvalidConfiguration(f"{source}: [exchange.policy.rates_bps] must be a table")
+            rates = dict(CollateralPolicy.default().rates_bps)
+            for asset, rate in value.items():
+                if isinstance(rate, bool) or not isinstance(rate, int):
+                    raise InvalidConfiguration(
+                        f"{source}: [exchange.policy.rates_bps] {asset} must be an integer"
+                    )
+                rates[asset] = rate
+            overrides["rates_bps"] = rates
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidConfiguration(f"{source}: [exchange.policy] {key} must be an integer")
+        elif key in _POLICY_SECONDS:
+            if value <= 0:
+                raise InvalidConfiguration(
+                    f"{source}: [exchange.policy] {key} must be a positive number of seconds"
+                )
+            overrides[_POLICY_SECONDS[key]] = timedelta(seconds=value)
+        else:
+            overrides[key] = value
+    try:
+        return CollateralPolicy.default(**overrides)
+    except InvalidPolicy as exc:
+        raise InvalidConfiguration(f"{source}: [exchange.policy]: {exc}") from exc
+
+
+def parse_custodian_sources(
+    table: Mapping[str, Any], *, source: str
+) -> tuple[CustodianSource, ...]:
+    """[exchange.custodians.<id>] tables: each names the custodian's published key registry."""
+    custodians = []
+    for custodian, entry in table.items():
+        where = f"[exchange.custodians.{custodian}]"
+        try:
+            validate_party(custodian, what="custodian")
+        except BridgeError as exc:
+            raise InvalidConfiguration(f"{source}: {where}: {exc}") from exc
+        if not isinstance(entry, Mapping):
+            raise InvalidConfiguration(f"{source}: {where} must be a table")
+        _check_keys(entry, frozenset({"registry_file"}), name=where[1:-1], source=source)
+        registry_file = entry.get("registry_file")
+        if not isinstance(registry_file, str) or not registry_file.strip():
+            raise InvalidConfiguration(f"{source}: {where} registry_file is required")
+        custodians.append(CustodianSource(custodian, registry_file))
+    return tuple(custodians)
+
+
+def parse_exchange(
+    table: Mapping[str, Any], env: Mapping[str, str], *, source: str
+) -> ExchangeConfig:
+    """The [exchange] table and its sub-tables, with the ``MCB_EXCHANGE_*`` overrides."""
+    _check_keys(table, frozenset(_EXCHANGE_KEYS), name="exchange", source=source)
+    values: dict[str, Any] = {}
+    for key in _EXCHANGE_STRINGS & set(table):
+        value = table[key]
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidConfiguration(f"{source}: [exchange] {key} must be a non-empty string")
+        values[key] = value
+    if "port" in table:
+        port = table["port"]
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise InvalidConfiguration(f"{source}: [exchange] port must be an integer")
+        values["port"] = port
+    if "evaluate_interval_s" in table:
+        interval = table["evaluate_interval_s"]
+        if isinstance(interval, bool) or not isinstance(interval, int | float):
+            raise InvalidConfiguration(
+                f"{source}: [exchange] evaluate_interval_s must be a number of seconds"
+            )
+        values["evaluate_interval_s"] = float(interval)
+    if env.get(ENV_EXCHANGE_DATABASE_URL, "").strip():
+        values["database_url"] = env[ENV_EXCHANGE_DATABASE_URL].strip()
+    if env.get(ENV_EXCHANGE_URL, "").strip():
+        values["url"] = env[ENV_EXCHANGE_URL].strip()
+    values["custodians"] = parse_custodian_sources(
+        _table(table, "custodians", source=source), source=source
+    )
+    values["policy"] = parse_policy(_table(table, "policy", source=source), source=source)
+    hsm_table = _table(table, "hsm", source=source)
+    values["hsm"] = parse_hsm(
+        hsm_table, source=source, name="exchange.hsm", pin_env=ENV_EXCHANGE_HSM_PIN
+    )
+    try:
+        return ExchangeConfig(**values)
+    except InvalidConfiguration as exc:
+        raise InvalidConfiguration(f"{source}: {exc}") from exc
 
 
 def parse_config(
@@ -339,6 +552,7 @@ def parse_config(
         kafka=kafka,
         serve=parse_serve(_table(document, "serve", source=source), source=source),
         hsm=parse_hsm(_table(document, "hsm", source=source), source=source),
+        exchange=parse_exchange(_table(document, "exchange", source=source), env, source=source),
     )
 
 
