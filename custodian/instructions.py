@@ -6,10 +6,10 @@ serves, it asks that stream's :class:`~custodian.service.AttestationService` for
 publishes a snapshot statement at the next sequence, which is at least the request's
 ``from_sequence``. ``request_snapshot`` only sets a flag and wakes the loop, so the consumer
 keeps each accepted request pending until the stream's latest snapshot is newer than the
-statement that was the last when the request was accepted, and asks again every ``recheck_s``
-meanwhile (an epoch that failed, or that stored a statement co-signed before the request, does
-not lose the request). The service's :meth:`~custodian.service.AttestationService.run` must be
-running in the same process.
+statement that was the last when the request was accepted, and checks every ``recheck_s``: when
+the stream stored another statement than the snapshot meanwhile (an epoch that stored a
+statement co-signed before the request, for example), it asks again. The service's
+:meth:`~custodian.service.AttestationService.run` must be running in the same process.
 
 Refused (a :class:`~attestations.errors.CounterpartyError`, so the base dead-letters the record
 with the reason and the partition moves on):
@@ -217,8 +217,10 @@ class InstructionConsumer(ConsumerBase):
             return dict(self._requests)
 
     def remind(self) -> None:
-        """Drop the pending requests a snapshot answered; ask the services of the others again
-        (the flag may have been consumed by an epoch that could not make the snapshot)."""
+        """Drop the pending requests a snapshot answered. Ask again for those whose stream
+        stored a statement that is not a snapshot since (an epoch that stored a statement
+        co-signed before the request, for example); the others wait for their epoch. Asking
+        only then never wakes the loop for an extra statement while the snapshot is under way."""
         with self._requests_lock:
             pending = list(self._requests.items())
         for stream, after in pending:
@@ -229,8 +231,13 @@ class InstructionConsumer(ConsumerBase):
                         del self._requests[stream]
                 self.instruction_metrics.answered += 1
                 continue
-            service.request_snapshot()
-            self.instruction_metrics.reminders += 1
+            current = service.state.sequence
+            if current > after:
+                with self._requests_lock:
+                    if self._requests.get(stream) == after:
+                        self._requests[stream] = current
+                service.request_snapshot()
+                self.instruction_metrics.reminders += 1
 
     async def run(self, stop: asyncio.Event) -> None:
         reminder = asyncio.create_task(self._remind_until(stop), name="instruction-reminders")
