@@ -52,7 +52,7 @@ from attestations.errors import (
     WrongStream,
 )
 from attestations.keys import KeyRegistry
-from attestations.statement import StatementKind
+from attestations.statement import PricePoint, StatementKind
 from attestations.verify import VerificationPolicy, VerifiedStatement, verify_statement
 from bridge.consumer import AfterCommit, ConsumerBase, Delivery
 from bridge.envelope import DEFAULT_BUDGET_BYTES, SnapshotRequest, encode_snapshot_request
@@ -65,6 +65,7 @@ from bridge.topics import (
     compute_stream_key,
     parse_stream_key,
 )
+from exchange.desk import MarginDesk
 from exchange.errors import StreamFrozen
 from exchange.ledger import CreditedStatement, Holding, LedgerChange, MarginLedger, StreamHead
 from exchange.policy import CollateralPolicy
@@ -185,7 +186,10 @@ class AttestationConsumer(ConsumerBase):
     ledger: MarginLedger | None = None
     streams: dict[str, StoredStream] | None = None
     relay: OutboxRelay | None = None
-    """Woken after a snapshot request commits, so it is published at once."""
+    """Woken after a snapshot request or a notice commits, so it is published at once."""
+    desk: MarginDesk | None = None
+    """The service's single writer of the ledger: when given, the consumer writes through it
+    (its lock, its signed notices in the outbox, its consistent reads) and shares its ledger."""
     budget_bytes: int = DEFAULT_BUDGET_BYTES
     exchange_metrics: AttestationMetrics = field(default_factory=AttestationMetrics)
 
@@ -198,6 +202,13 @@ class AttestationConsumer(ConsumerBase):
             parse_stream_key(f"{custodian}/{self.exchange}")
         if self.registry is None or self.policy is None:
             raise ConfigurationError("the attestation consumer needs a key registry and a policy")
+        if self.desk is not None:
+            if self.ledger is not None and self.ledger is not self.desk.ledger:
+                raise ConfigurationError("the consumer and its desk must share one ledger")
+            if self.streams is None:
+                raise ConfigurationError("pass the streams loaded with the desk's ledger")
+            self.ledger = self.desk.ledger
+            self.effect_lock = self.desk.lock
         super().__post_init__()
         check_schema(self.engine)
         if self.ledger is None:
@@ -322,12 +333,13 @@ class AttestationConsumer(ConsumerBase):
             credited, now=now, resync_from=awaiting if verified.resynchronised else None
         )
         persist_statement(session, verified, disclosure, now=now)
-        persist_change(session, change, price_points={stream: verified.statement.prices}, now=now)
-        self.publish_notices(session, change)
+        apply_change = self._stage(
+            session, change, price_points={stream: verified.statement.prices}, now=now
+        )
 
         def after() -> None:
             verified.trees_plan.apply()
-            ledger.apply(change)
+            apply_change()
             stored.head = verified.head
             stored.history[verified.head.sequence] = verified.digest
             if self.streams is not None:
@@ -337,6 +349,32 @@ class AttestationConsumer(ConsumerBase):
             self.exchange_metrics.notices += len(change.notices)
 
         return after
+
+    def _stage(
+        self,
+        session: Session,
+        change: LedgerChange,
+        *,
+        price_points: Mapping[str, Sequence[PricePoint]] | None = None,
+        now: datetime,
+    ) -> AfterCommit:
+        """Write ``change`` in the caller's transaction and return what applies it after the
+        commit: through the desk when there is one (signed notices in the outbox, the desk's
+        consistent-read counter), else here (notices stored by :meth:`publish_notices`)."""
+        if self.desk is not None:
+            apply, signed = self.desk.stage(session, change, price_points=price_points, now=now)
+            if not signed:
+                return apply
+
+            def apply_and_wake() -> None:
+                apply()
+                self._wake_relay()
+
+            return apply_and_wake
+        persist_change(session, change, price_points=price_points, now=now)
+        self.publish_notices(session, change)
+        ledger = self.margin_ledger
+        return lambda: ledger.apply(change)
 
     def publish_notices(self, session: Session, change: LedgerChange) -> None:
         """Put ``change``'s margin calls and liquidation-due notices on their way, in the
@@ -369,12 +407,12 @@ class AttestationConsumer(ConsumerBase):
         now = self.clock()
         reason = f"fork at sequence {delivery.sequence}: {error}"[:1000]
         change = ledger.plan_freeze(stream, reason=reason, now=now)
-        persist_change(session, change, now=now)
+        apply_change = self._stage(session, change, now=now)
         record_alert(session, kind=FORK_ALERT, stream=stream, detail=reason, at=now)
         logger.error("%s: credit frozen: %s", stream, reason)
 
         def after() -> None:
-            ledger.apply(change)
+            apply_change()
             self.exchange_metrics.forks += 1
 
         return after
@@ -390,7 +428,7 @@ class AttestationConsumer(ConsumerBase):
             return None  # asked already; the snapshot (or the next periodic one) will come
         now = self.clock()
         change = ledger.plan_await_snapshot(stream, from_sequence=from_sequence, now=now)
-        persist_change(session, change, now=now)
+        apply_change = self._stage(session, change, now=now)
         request = SnapshotRequest(
             custodian=custodian,
             exchange=exchange,
@@ -405,7 +443,7 @@ class AttestationConsumer(ConsumerBase):
         logger.warning("%s: sequence gap; snapshot requested from %d", stream, from_sequence)
 
         def after() -> None:
-            ledger.apply(change)
+            apply_change()
             self.exchange_metrics.snapshot_requests += 1
             self._wake_relay()
 

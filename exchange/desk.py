@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, TypeVar
@@ -63,6 +63,7 @@ from attestations.notices import (
     sign_notice,
 )
 from attestations.p256 import DigestSigner
+from attestations.statement import PricePoint
 from bridge.envelope import OutboundMessage, encode_notice
 from bridge.outbox import enqueue, run_transaction
 from bridge.topics import DEFAULT_CATALOGUE, TopicCatalogue
@@ -151,15 +152,21 @@ class MarginDesk:
     # --- writing --------------------------------------------------------------------------------
 
     def stage(
-        self, session: Session, change: LedgerChange
+        self,
+        session: Session,
+        change: LedgerChange,
+        *,
+        price_points: Mapping[str, Iterable[PricePoint]] | None = None,
+        now: datetime | None = None,
     ) -> tuple[AfterCommit, tuple[SignedNotice, ...]]:
         """Write ``change`` and the outbox records of its notices through ``session`` (the
         caller's transaction, not committed here) and return the after-commit callable that
         applies it to the ledger, with the signed notices. The caller holds :attr:`lock` from
-        planning until that callable returned."""
+        planning until that callable returned. ``price_points`` and ``now`` pass to
+        :func:`exchange.store.persist_change`."""
         self._require_lock()
         signed = self.sign_notices(change)
-        persist_change(session, change)
+        persist_change(session, change, price_points=price_points, now=now)
         for notice in signed:
             message = encode_notice(notice, catalogue=self.catalogue)
             enqueue(

@@ -20,6 +20,8 @@ import pytest
 from sqlalchemy import Engine, text, update
 
 from attestations.disclosure import LeafDisclosure
+from attestations.keys import KeyRecord, KeyRegistry, KeyRole
+from attestations.notices import MarginCall, verify_notice
 from attestations.signing import Cosigner
 from attestations.statement import SignedStatement, StatementKind
 from attestations.translog import TransparencyLog
@@ -32,7 +34,9 @@ from custodian.book import Unpledge
 from custodian.service import AttestationService
 from custodian.store import CustodyBook
 from exchange.consumer import AttestationConsumer
-from exchange.policy import CollateralPolicy
+from exchange.desk import MarginDesk
+from exchange.ledger import ExposureReport
+from exchange.policy import CollateralPolicy, MarginState
 from exchange.store import (
     create_exchange_engine,
     journal_page,
@@ -389,3 +393,88 @@ async def test_a_statement_that_fails_verification_is_only_dead_lettered(setup: 
     assert (status.frozen, status.awaiting_snapshot_from) == (False, None)
     assert list_alerts(setup.exchange_engine) == []
     assert credited(consumer) == setup.book.pledged(EXCHANGE)
+
+
+# --- through the margin desk --------------------------------------------------------------------
+
+
+async def test_through_the_desk_a_shrinking_pledge_sends_a_signed_margin_call(
+    setup: Setup,
+) -> None:
+    """The service arrangement: the consumer writes through the desk, so a statement that drops
+    an exposed client below the margin-call level puts a signed margin call in the exchange's
+    outbox in the statement's own transaction, and the relay delivers it to the custodian."""
+    exchange_signer = custodian_signer("exchange")
+    registry = KeyRegistry()
+    registry.register(
+        KeyRecord(EXCHANGE, KeyRole.EXCHANGE, exchange_signer.public_key, NOW - timedelta(days=1))
+    )
+    ledger, streams = load_ledger(setup.exchange_engine, POLICY, DECIMALS)
+    desk = MarginDesk(
+        ledger=ledger,
+        engine=setup.exchange_engine,
+        exchange=EXCHANGE,
+        signer=exchange_signer,
+        catalogue=setup.catalogue,
+    )
+    pledge_three(setup.book)
+    consumer = AttestationConsumer.open(
+        setup.exchange_engine,
+        setup.settings,
+        exchange=EXCHANGE,
+        custodians=[CUSTODIAN],
+        registry=setup.world.registry,
+        decimals=DECIMALS,
+        policy=POLICY,
+        catalogue=setup.catalogue,
+        clock=lambda: CONSUMER_NOW,
+        relay=setup.exchange_relay,
+        desk=desk,
+        streams=streams,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.2,
+    )
+    assert consumer.margin_ledger is desk.ledger
+    async with flowing(setup, consumer):
+        await setup.publish(0)
+        await eventually(lambda: head_sequence(consumer) == 1)
+        # bob: 1,000,000 USDC at 95 % = 950,000.00 USD; requirement 900,000.00: healthy.
+        report = ExposureReport(
+            client="bob",
+            report_id="r-1",
+            reported_at=CONSUMER_NOW,
+            exposure=150_000_000,
+            requirement=90_000_000,
+            unrealised_pnl=0,
+        )
+        await asyncio.to_thread(desk.submit_exposure, report, now=CONSUMER_NOW)
+        status = desk.status("bob", now=CONSUMER_NOW)
+        assert status is not None
+        assert status.state is MarginState.HEALTHY
+        # bob releases 100,000 USDC: 855,000.00 USD against 900,000.00 is 9,500 bp: margin call.
+        await asyncio.to_thread(
+            setup.book.apply,
+            Unpledge("u-bob", "bob", "USDC", EXCHANGE, 100_000_000_000, "a-bob"),
+            now=NOW,
+        )
+        await setup.publish(1)
+        await eventually(lambda: head_sequence(consumer) == 2)
+        instructions = setup.catalogue.name(TopicKind.INSTRUCTIONS)
+        records = await read_topic(setup.settings, instructions, count=1)
+    status = desk.status("bob", now=CONSUMER_NOW)
+    assert status is not None
+    assert status.state is MarginState.MARGIN_CALL
+    assert status.ratio_bps == 9_500
+    assert len(records) == 1
+    _, key, value, _ = records[0]
+    assert key == STREAM.encode()
+    assert value is not None
+    call = verify_notice(value, registry=registry, now=CONSUMER_NOW)
+    assert isinstance(call, MarginCall)
+    assert (call.client, call.custodian, call.collateral, call.requirement) == (
+        "bob",
+        CUSTODIAN,
+        85_500_000,
+        90_000_000,
+    )
+    assert call.shortfall == 4_500_000
