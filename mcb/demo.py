@@ -105,6 +105,8 @@ class DemoResult:
 
     statuses: dict[str, ClientStatus]
     margin_call: MarginCall
+    margin_call_wire: bytes
+    """The record's value as read from the instructions topic (the signed notice)."""
     sequences: tuple[int, ...]
     client_account: str
     client_asset: str
@@ -446,12 +448,13 @@ class _Demo:
         )
         statuses = {name: self._status(exchange, name) for name in clients}
 
-        margin_call = await self._margin_call(exchange, kafka)
+        margin_call, margin_call_wire = await self._margin_call(exchange, kafka)
         await self._pretrade(addresses)
         proof, quantity = self._client_proof(custodian)
         return DemoResult(
             statuses=statuses,
             margin_call=margin_call,
+            margin_call_wire=margin_call_wire,
             sequences=(1, 2),
             client_account=proof.account,
             client_asset=proof.proof.asset,
@@ -459,7 +462,9 @@ class _Demo:
             hsm=self.keys.hsm,
         )
 
-    async def _margin_call(self, exchange: _Exchange, kafka: KafkaSettings) -> MarginCall:
+    async def _margin_call(
+        self, exchange: _Exchange, kafka: KafkaSettings
+    ) -> tuple[MarginCall, bytes]:
         reported_at = truncate_to_millis(datetime.now(UTC))
         report = envelope.ExposureReport.from_wire(
             {
@@ -497,16 +502,16 @@ class _Demo:
             f"{format_money(status.equity, self.policy)} is {ratio} of the requirement"
         )
         topic = DEFAULT_CATALOGUE.name(TopicKind.INSTRUCTIONS)
-        notice = await self._read_margin_call(kafka, topic)
+        notice, wire = await self._read_margin_call(kafka, topic)
         self.say(
             f"NOTICE    signed margin call {notice.notice_id[:16]} to {notice.custodian} on the "
             f"{topic} topic: shortfall {format_money(notice.shortfall, self.policy)}, deadline "
             f"{notice.deadline:%Y-%m-%d %H:%M:%S} UTC; signature verified against the "
             "exchange key in registry.json"
         )
-        return notice
+        return notice, wire
 
-    async def _read_margin_call(self, kafka: KafkaSettings, topic: str) -> MarginCall:
+    async def _read_margin_call(self, kafka: KafkaSettings, topic: str) -> tuple[MarginCall, bytes]:
         deadline = time.monotonic() + WAIT_TIMEOUT_S
         async with open_consumer(kafka, group_id=None, topics=[topic]) as consumer:
             while time.monotonic() < deadline:
@@ -524,7 +529,7 @@ class _Demo:
                             now=truncate_to_millis(datetime.now(UTC)),
                         )
                         if isinstance(body, MarginCall) and body.client == CALLED_CLIENT:
-                            return body
+                            return body, record.value or b""
         raise DemoFailed(f"no margin call on {topic} within {WAIT_TIMEOUT_S:.0f} s")
 
     async def _pretrade(self, addresses: list[Any]) -> None:

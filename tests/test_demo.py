@@ -1,17 +1,24 @@
-"""The end-to-end demo on SoftHSM2, its files checked again with ``mcb verify-proof``, the
-development-only software key, and a refused second run in one work directory."""
+"""The end-to-end demo, run as the README's first command runs it: on SoftHSM2 and the embedded
+broker, every credit figure it prints is the collateral policy's arithmetic on the sample pledges
+and prices (recomputed here independently, with exact fractions); the margin call it reads back
+verifies against the published registry; its files are checked again with ``mcb verify-proof``
+(and refused once tampered with); without SoftHSM2 (or with ``--software-key``) it warns loudly;
+a second run in one work directory is refused."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
+from decimal import Decimal
+from fractions import Fraction
+from math import floor
 from pathlib import Path
 from typing import Any, Self
 
@@ -19,15 +26,30 @@ import pytest
 
 from attestations import hsm
 from attestations.canonical import compute_canonical_bytes, format_timestamp, parse_json_object
+from attestations.errors import UnknownKey
+from attestations.keys import KeyRegistry, KeyRole
+from attestations.notices import verify_notice
 from attestations.statement import SignedStatement, Statement, StatementKind
 from attestations.translog import TransparencyLog
 from mcb.cli import main
-from mcb.demo import DemoResult, run_demo
+from mcb.demo import (
+    CALLED_CLIENT,
+    DECIMALS,
+    EXTRA_PLEDGE,
+    PRICES,
+    REQUIREMENT,
+    SAMPLE_PLEDGES,
+    DemoResult,
+    run_demo,
+)
 from mcb.softhsm import SoftHsm
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = ("statement.json", "registry.json", "client-proof.json")
 BOB_BTC = 1_500_000_000  # 12.5 BTC pledged, then 2.5 BTC more in the delta
+# The collateral rates of docs/exchange.md, written out here rather than read from the policy.
+RATES_BPS = {"BENJI": 9_800, "USDC": 9_500, "BTC": 8_000, "ETH": 7_500}
+CENTS = 100
 
 
 @dataclass(frozen=True)
@@ -37,13 +59,11 @@ class DemoRun:
     lines: list[str]
 
 
-@pytest.fixture(scope="module")
-def softhsm_demo(softhsm_conf: SoftHsm, tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
-    workdir = tmp_path_factory.mktemp("demo-softhsm")
+def run_isolated(workdir: Path, softhsm: SoftHsm | None, **options: Any) -> DemoRun:
     lines: list[str] = []
     previous = os.environ.get("SOFTHSM2_CONF")
     try:
-        result = run_demo(workdir, say=lines.append)
+        result = run_demo(workdir, say=lines.append, **options)
     finally:
         # run_demo points SOFTHSM2_CONF at a token directory of its own and re-reads it; give
         # the rest of the session its configuration back, and make the library read it again.
@@ -51,8 +71,175 @@ def softhsm_demo(softhsm_conf: SoftHsm, tmp_path_factory: pytest.TempPathFactory
             os.environ.pop("SOFTHSM2_CONF", None)
         else:
             os.environ["SOFTHSM2_CONF"] = previous
-        hsm.reinitialize_library(library_path=softhsm_conf.library_path)
+        if softhsm is not None:
+            hsm.reinitialize_library(library_path=softhsm.library_path)
     return DemoRun(workdir=workdir, result=result, lines=lines)
+
+
+@pytest.fixture(scope="module")
+def softhsm_demo(
+    softhsm_conf: SoftHsm, tansu_binary: Path, tmp_path_factory: pytest.TempPathFactory
+) -> DemoRun:
+    del tansu_binary  # skips (or fails in CI) when the broker is not installed
+    return run_isolated(tmp_path_factory.mktemp("demo-softhsm"), softhsm_conf)
+
+
+# --- the figures --------------------------------------------------------------------------------
+
+
+def expected_value(asset: str, quantity: int) -> int:
+    """floor(quantity x price x rate) in cents, from the sample's decimal strings."""
+    whole = Fraction(quantity, 10 ** DECIMALS[asset])
+    price = Fraction(Decimal(PRICES[asset]))
+    return int(floor(whole * price * Fraction(RATES_BPS[asset], 10_000) * CENTS))
+
+
+def expected_holdings(*, with_extra: bool) -> dict[str, dict[str, int]]:
+    held: dict[str, dict[str, int]] = {}
+    pledges = [*SAMPLE_PLEDGES, EXTRA_PLEDGE] if with_extra else list(SAMPLE_PLEDGES)
+    for client, asset, quantity in pledges:
+        held.setdefault(client, {}).setdefault(asset, 0)
+        held[client][asset] += quantity
+    return held
+
+
+def cents(text: str) -> int:
+    """``1,234.56 USD`` -> 123456 (exactly two decimals, as printed)."""
+    number = text.removesuffix(" USD").replace(",", "")
+    assert re.fullmatch(r"[0-9]+\.[0-9]{2}", number), text
+    return int(number.replace(".", ""))
+
+
+def units(text: str, asset: str) -> int:
+    whole, _, fraction = text.replace(",", "").partition(".")
+    decimals = DECIMALS[asset]
+    return int(whole) * 10**decimals + (int(fraction.ljust(decimals, "0")) if fraction else 0)
+
+
+POSITION = re.compile(
+    r"^    (?P<asset>[A-Z]+) +(?P<qty>[0-9,.]+) x +(?P<price>[0-9.]+) USD x +"
+    r"(?P<rate>[0-9.]+) % = +(?P<value>[0-9,.]+ USD)$"
+)
+TOTALS = re.compile(r"^    collateral (?P<c>[0-9,.]+ USD), credit limit (?P<l>[0-9,.]+ USD)$")
+
+
+def printed_credit(lines: list[str]) -> dict[str, tuple[dict[str, tuple[int, str, int]], int, int]]:
+    """Per client: {asset: (quantity, price text, value)}, collateral, credit limit."""
+    found: dict[str, tuple[dict[str, tuple[int, str, int]], int, int]] = {}
+    client = None
+    positions: dict[str, tuple[int, str, int]] = {}
+    start = next(i for i, line in enumerate(lines) if line.startswith("CREDIT"))
+    for line in lines[start + 1 :]:
+        if not line.startswith("  "):
+            break
+        if match := POSITION.match(line):
+            asset = match["asset"]
+            assert Fraction(Decimal(match["rate"])) * 100 == RATES_BPS[asset]
+            positions[asset] = (units(match["qty"], asset), match["price"], cents(match["value"]))
+        elif match := TOTALS.match(line):
+            assert client is not None
+            found[client] = (positions, cents(match["c"]), cents(match["l"]))
+            client, positions = None, {}
+        else:
+            client = line.strip()
+    return found
+
+
+@pytest.mark.softhsm
+def test_the_demo_prints_the_policys_credit_for_every_client(softhsm_demo: DemoRun) -> None:
+    printed = printed_credit(softhsm_demo.lines)
+    held = expected_holdings(with_extra=False)
+    assert set(printed) == set(held)
+    for client, assets in held.items():
+        positions, collateral, limit = printed[client]
+        assert {a: q for a, (q, _, _) in positions.items()} == assets, client
+        for asset, (quantity, price, value) in positions.items():
+            assert price == PRICES[asset]
+            assert value == expected_value(asset, quantity), (client, asset)
+        assert collateral == sum(expected_value(a, q) for a, q in assets.items())
+        assert limit == 2 * collateral
+    # Spot checks a reader can do by hand: 2.5 M BENJI at 1.00 x 98 %, 3 BTC at 64,123.45 x 80 %.
+    assert printed["client-alice"][0]["BENJI"][2] == 245_000_000
+    assert printed["client-dave"][1] == 15_389_628
+
+
+@pytest.mark.softhsm
+def test_the_delta_raises_the_credit_of_the_client_who_pledged_more(softhsm_demo: DemoRun) -> None:
+    client, asset, _ = EXTRA_PLEDGE
+    held = expected_holdings(with_extra=True)
+    after = sum(expected_value(a, q) for a, q in held[client].items())
+    before = sum(
+        expected_value(a, q) for a, q in expected_holdings(with_extra=False)[client].items()
+    )
+    line = next(line for line in softhsm_demo.lines if line.startswith("EXCHANGE  #2"))
+    match = re.search(
+        r"collateral ([0-9,.]+ USD) -> ([0-9,.]+ USD), credit limit ([0-9,.]+ USD) -> "
+        r"([0-9,.]+ USD)",
+        line,
+    )
+    assert match is not None, line
+    assert [cents(g) for g in match.groups()] == [before, after, 2 * before, 2 * after]
+    statuses = softhsm_demo.result.statuses
+    for name, assets in held.items():
+        assert statuses[name].collateral == sum(expected_value(a, q) for a, q in assets.items())
+        assert {v.asset: v.quantity for v in statuses[name].positions} == assets
+    assert asset in {v.asset for v in statuses[client].positions}
+
+
+@pytest.mark.softhsm
+def test_the_margin_call_is_signed_by_the_registered_exchange_key(softhsm_demo: DemoRun) -> None:
+    call = softhsm_demo.result.margin_call
+    collateral = sum(
+        expected_value(a, q) for a, q in expected_holdings(with_extra=True)[CALLED_CLIENT].items()
+    )
+    assert (call.client, call.requirement, call.collateral) == (
+        CALLED_CLIENT,
+        REQUIREMENT,
+        collateral,
+    )
+    assert call.shortfall == REQUIREMENT - collateral
+    assert call.ratio_bps == collateral * 10_000 // REQUIREMENT
+    assert call.deadline == call.issued_at + timedelta(hours=4)
+    assert any(
+        line.startswith("NOTICE") and call.notice_id[:16] in line for line in softhsm_demo.lines
+    )
+    pretrade = [line for line in softhsm_demo.lines if line.startswith("PRETRADE")]
+    assert [line.rsplit("? ", 1)[1].split(",")[0] for line in pretrade] == [
+        "allowed",
+        "refused (not_healthy)",
+    ]
+
+
+@pytest.mark.softhsm
+def test_the_demo_runs_on_softhsm_and_writes_its_files(softhsm_demo: DemoRun) -> None:
+    result, lines, workdir = softhsm_demo.result, softhsm_demo.lines, softhsm_demo.workdir
+    assert result.hsm
+    assert result.sequences == (1, 2)
+    assert (result.client_account, result.client_asset) == ("client-bob", "BTC")
+    assert result.client_quantity == BOB_BTC
+    assert any(line.startswith("HSM") and "SoftHSM2 tokens" in line for line in lines)
+    assert not any(line.startswith("WARNING") for line in lines)
+    assert len([t for t in (workdir / "softhsm" / "tokens").iterdir() if t.is_dir()]) == 2
+    for name in FILES:
+        assert (workdir / name).is_file(), name
+    latest = SignedStatement.decode((workdir / "statement.json").read_bytes())
+    assert (latest.statement.sequence, latest.statement.kind) == (2, StatementKind.DELTA)
+    with TransparencyLog(workdir / "transparency-log.sqlite3") as log:
+        assert log.size == 2
+        assert log.index_of(latest.digest) == 1
+    # The published registry verifies the notice the exchange signed, and a registry without
+    # the exchange's key does not.
+    registry = KeyRegistry.from_wire(parse_json_object((workdir / "registry.json").read_bytes()))
+    assert len(registry.records()) == 5
+    call = result.margin_call
+    assert verify_notice(result.margin_call_wire, registry=registry, now=call.issued_at) == call
+    custodian_only = KeyRegistry.of(
+        [r for r in registry.records() if r.role is not KeyRole.EXCHANGE], quorums={}
+    )
+    with pytest.raises(UnknownKey):
+        verify_notice(result.margin_call_wire, registry=custodian_only, now=call.issued_at)
+    done = next(line for line in lines if line.startswith("DONE"))
+    assert float(done.split()[2]) < 60
 
 
 def verify_proof(workdir: Path, *, at: datetime | str | None = None) -> int:
@@ -89,28 +276,6 @@ VERIFIED = {
     "sequence": 2,
     "verified": True,
 }
-
-
-@pytest.mark.softhsm
-def test_demo_on_softhsm_verifies_two_statements_and_a_client_proof(
-    softhsm_demo: DemoRun,
-) -> None:
-    result, lines, workdir = softhsm_demo.result, softhsm_demo.lines, softhsm_demo.workdir
-    assert [head.sequence for head in result.heads] == [1, 2]
-    assert (result.client_account, result.client_asset) == ("client-bob", "BTC")
-    assert result.client_quantity == BOB_BTC
-    assert len([line for line in lines if line.startswith("EXCHANGE")]) == 2
-    assert any(line.startswith("HSM") and "SoftHSM2 token" in line for line in lines)
-    assert any(token.is_dir() for token in (workdir / "softhsm" / "tokens").iterdir())
-    for name in FILES:
-        assert (workdir / name).is_file(), name
-    latest = SignedStatement.decode((workdir / "statement.json").read_bytes())
-    assert latest.digest == result.heads[-1].digest
-    assert (latest.statement.sequence, latest.statement.kind) == (2, StatementKind.DELTA)
-    assert latest.statement.previous == result.heads[0].digest
-    with TransparencyLog(workdir / "transparency-log.sqlite3") as log:
-        assert log.size == 2
-        assert log.index_of(result.heads[1].digest) == 1
 
 
 @pytest.mark.softhsm
@@ -234,31 +399,45 @@ def test_verify_proof_rejects_tampered_files(
     assert len(message.splitlines()) == 1  # one clear line, not a traceback
 
 
-def test_software_key_demo_runs_without_softhsm(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+def test_software_key_demo_warns_and_touches_no_token(
+    tmp_path: Path, tansu_binary: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    del tansu_binary
     monkeypatch.delenv("SOFTHSM2_CONF", raising=False)
-    lines: list[str] = []
-    with caplog.at_level(logging.WARNING, logger="attestations.p256"):
-        result = run_demo(tmp_path, software_key=True, say=lines.append)
-    assert result.client_quantity == BOB_BTC
-    assert [head.sequence for head in result.heads] == [1, 2]
-    warnings = [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "attestations.p256" and r.levelno == logging.WARNING
-    ]
-    assert any("development" in w and "never be used in production" in w for w in warnings)
-    # Nothing of SoftHSM was touched.
+    run = run_isolated(tmp_path, None, software_key=True)
+    assert not run.result.hsm
+    assert run.result.client_quantity == BOB_BTC
+    warning = next(line for line in run.lines if line.startswith("WARNING"))
+    assert "--software-key" in warning
+    assert "INSECURE" in warning
     assert "SOFTHSM2_CONF" not in os.environ
     assert not (tmp_path / "softhsm").exists()
-    assert not any(line.startswith("HSM") for line in lines)
+    assert not any(line.startswith("HSM") for line in run.lines)
     for name in FILES:
         assert (tmp_path / name).is_file(), name
 
 
-def test_second_run_in_one_workdir_is_refused(tmp_path: Path) -> None:
-    run_demo(tmp_path, software_key=True, say=lambda _: None)
+def test_without_softhsm_the_demo_falls_back_loudly(
+    tmp_path: Path, tansu_binary: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    del tansu_binary
+    if os.environ.get("CI") == "true":
+        # CI must have SoftHSM2: the demo's first choice is the real token.
+        from mcb.softhsm import find_softhsm
+
+        assert find_softhsm() is None
+    monkeypatch.setattr("mcb.demo.find_softhsm", lambda: "SoftHSM2 is not installed")
+    lines: list[str] = []
+    monkeypatch.setattr("mcb.demo.asyncio.run", lambda coroutine: coroutine.close())
+    run_demo(tmp_path, say=lines.append)
+    assert lines[0].startswith("WARNING   SoftHSM2 is not installed: ")
+    assert "in-memory development keys, INSECURE" in lines[0]
+    assert not (tmp_path / "softhsm").exists()
+
+
+def test_second_run_in_one_workdir_is_refused(tmp_path: Path, tansu_binary: Path) -> None:
+    del tansu_binary
+    run_isolated(tmp_path, None, software_key=True)
     before = {name: (tmp_path / name).read_bytes() for name in FILES}
     completed = subprocess.run(
         [sys.executable, "-m", "mcb", "demo", "--workdir", str(tmp_path), "--software-key"],
