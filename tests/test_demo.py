@@ -91,7 +91,7 @@ def expected_value(asset: str, quantity: int) -> int:
     """floor(quantity x price x rate) in cents, from the sample's decimal strings."""
     whole = Fraction(quantity, 10 ** DECIMALS[asset])
     price = Fraction(Decimal(PRICES[asset]))
-    return int(floor(whole * price * Fraction(RATES_BPS[asset], 10_000) * CENTS))
+    return floor(whole * price * Fraction(RATES_BPS[asset], 10_000) * CENTS)
 
 
 def expected_holdings(*, with_extra: bool) -> dict[str, dict[str, int]]:
@@ -113,7 +113,8 @@ def cents(text: str) -> int:
 def units(text: str, asset: str) -> int:
     whole, _, fraction = text.replace(",", "").partition(".")
     decimals = DECIMALS[asset]
-    return int(whole) * 10**decimals + (int(fraction.ljust(decimals, "0")) if fraction else 0)
+    scale: int = 10**decimals
+    return int(whole) * scale + (int(fraction.ljust(decimals, "0")) if fraction else 0)
 
 
 POSITION = re.compile(
