@@ -434,7 +434,13 @@ class ReceiverTrees:
         touched = {leaf.asset for leaf in disclosure.set_leaves} | {
             s.asset for s in disclosure.clear
         }
-        held = {asset for asset, tree in self.trees.items() if tree.count}
+        # A delta keeps the receiver's trees, so every asset it holds leaves of must still have a
+        # root; a snapshot replaces them all, so an asset it leaves out is simply gone.
+        held = (
+            set()
+            if statement.kind is StatementKind.SNAPSHOT
+            else {asset for asset, tree in self.trees.items() if tree.count}
+        )
         if missing := (touched | held) - stated:
             raise RootMismatch(f"assets {sorted(missing)} have leaves but no root in the statement")
         if statement.kind is StatementKind.SNAPSHOT:
