@@ -1047,3 +1047,27 @@ def test_a_plan_made_before_another_plan_was_applied_is_refused() -> None:
     receiver.plan(STATEMENT, resnapshot).apply()
     with pytest.raises(InvariantViolation):
         stale.apply()
+
+
+def test_a_snapshot_may_drop_an_asset_a_delta_may_not() -> None:
+    """A snapshot replaces every tree, so an asset it no longer lists is gone (a resynchronising
+    snapshot after a gap may drop an asset emptied meanwhile); a delta keeps the trees, so every
+    asset the receiver holds leaves of must keep its root."""
+    btc = next(root for root in STATEMENT.assets if root.asset == "BTC")
+    btc_leaves = [leaf for leaf in sample_leaves() if leaf.asset == "BTC"]
+    only_btc = replace(STATEMENT, assets=(btc,))
+    receiver = after_snapshot()
+    assert receiver.trees["USDC"].count
+    receiver.plan(only_btc, LeafDisclosure.for_statement(only_btc, btc_leaves)).apply()
+    assert set(receiver.trees) == {"BTC"}
+    assert heads(receiver) == stated_heads(only_btc)
+
+    receiver = after_snapshot()
+    before = heads(receiver)
+    move_btc = replace(MOVE, assets=tuple(r for r in MOVE.assets if r.asset == "BTC"))
+    with pytest.raises(RootMismatch):
+        receiver.plan(
+            move_btc,
+            LeafDisclosure.for_statement(move_btc, [BOB_MOVED], move_disclosure().clear),
+        )
+    assert heads(receiver) == before
