@@ -431,7 +431,8 @@ class ExchangeService:
                 {
                     "state": state,
                     "passes": self.evaluator.passes,
-                    "last_pass_age_s": None if age is None else round(age, 3),
+                    # Integers: the answer is canonical JSON, which carries no floats.
+                    "last_pass_age_ms": None if age is None else int(age * 1000),
                     "failures": self.evaluator.failures,
                 },
             )
