@@ -60,6 +60,7 @@ from custodian.service import AttestationService, restore_epoch_state
 from custodian.store import CustodyBook
 from mcb.config import ENV_HSM_PIN, CustodianConfig, InvalidConfiguration, load_config
 from mcb.demo import run_demo
+from mcb.exchange_cli import add_exchange_parser
 
 _FRACTION_RE: Final = re.compile(r"[+-]?(?:[0-9]*\.[0-9]*|[0-9.]+[eE][+-]?[0-9]+)")
 """What a float looks like on the command line: refused as money, never rounded."""
@@ -576,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.set_defaults(func=_cmd_verify_proof)
     _add_custodian_parser(sub)
+    add_exchange_parser(sub)
     return parser
 
 
