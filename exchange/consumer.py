@@ -87,7 +87,8 @@ SNAPSHOT_REQUEST_REASON: Final = "sequence_gap"
 
 
 def _utc_now() -> datetime:
-    return datetime.now(UTC)
+    # Whole milliseconds, as every signed time: the verifier refuses a finer ``now``.
+    return truncate_to_millis(datetime.now(UTC))
 
 
 def _awaited(awaiting: int | None, stored: StoredStream) -> int | None:

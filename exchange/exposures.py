@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from sqlalchemy.orm import Session
 
-from attestations.canonical import format_timestamp
+from attestations.canonical import format_timestamp, truncate_to_millis
 from attestations.errors import DecodeError, FutureDated, PolicyViolation, WrongStream
 from attestations.verify import DEFAULT_MAX_CLOCK_SKEW
 from bridge import envelope
@@ -90,7 +90,8 @@ def compute_ledger_report(
 
 
 def _utc_now() -> datetime:
-    return datetime.now(UTC)
+    # Whole milliseconds, as every signed time: the verifier refuses a finer ``now``.
+    return truncate_to_millis(datetime.now(UTC))
 
 
 @dataclass(kw_only=True)

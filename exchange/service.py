@@ -8,9 +8,9 @@ HTTP API, started and stopped together.
   receiver state of every stream are loaded (:func:`exchange.store.load_ledger`);
 * the :class:`~exchange.desk.MarginDesk`, single writer of the ledger, signing notices with the
   exchange's key (a :class:`~attestations.p256.DigestSigner`: PKCS#11 in production);
-* the attestation consumer (:class:`DeskAttestationConsumer`): statements verified and credited
-  under the desk's lock, their margin calls signed and enqueued in the same transaction, the
-  ledger changed after the commit through the desk;
+* the attestation consumer (:class:`~exchange.consumer.AttestationConsumer` given the desk):
+  statements verified and credited under the desk's lock, their margin calls signed and enqueued
+  in the same transaction, the ledger changed after the commit through the desk;
 * the exposure consumer (:func:`exchange.exposures.create_exposure_consumer`);
 * the :class:`~bridge.outbox.OutboxRelay` publishing the exchange's notices and snapshot
   requests;
@@ -39,23 +39,19 @@ from typing import Any, Final, Self
 
 from aiohttp import web
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from attestations.canonical import truncate_to_millis
-from attestations.errors import ConfigurationError, CounterpartyError, TransientError
+from attestations.errors import ConfigurationError, TransientError
 from attestations.keys import KeyRegistry
 from attestations.p256 import DigestSigner
 from bridge import http
-from bridge.consumer import AfterCommit, Delivery
-from bridge.envelope import encode_notice
 from bridge.kafka import KafkaSettings
-from bridge.outbox import OutboxRelay, enqueue
+from bridge.outbox import OutboxRelay
 from bridge.topics import DEFAULT_CATALOGUE, TopicCatalogue
 from exchange.api import TokenStore, create_app, run_server
 from exchange.consumer import AttestationConsumer
-from exchange.desk import NOTICE_OUTBOX_SEQUENCE, MarginDesk
+from exchange.desk import MarginDesk
 from exchange.exposures import ExposureConsumer, create_exposure_consumer
-from exchange.ledger import LedgerChange
 from exchange.policy import CollateralPolicy
 from exchange.store import create_exchange_engine, load_ledger, migrate
 
@@ -71,82 +67,6 @@ EVALUATOR_LATE_FACTOR: Final = 3
 def _utc_now() -> datetime:
     # Whole milliseconds: every signed time does, and the verifier refuses a finer ``now``.
     return truncate_to_millis(datetime.now(UTC))
-
-
-# --- the attestation consumer, writing through the desk ----------------------------------------
-
-
-@dataclass
-class DeskAttestationConsumer(AttestationConsumer):
-    """The attestation consumer of a process that also runs a :class:`MarginDesk`: the desk's
-    ledger, lock and key.
-
-    * The margin calls and liquidation-due notices a statement causes are signed with the
-      exchange's key and enqueued in the outbox in the statement's transaction (one record per
-      addressed custodian, as the desk does for its own changes), instead of being stored
-      unpublished.
-    * Every after-commit step (a credit, a freeze, a snapshot request) runs as one apply of the
-      desk, so the desk's lock-free readers (pre-trade checks, status) never read a ledger in the
-      middle of a change.
-
-    Build it with ``ledger=desk.ledger``, the streams loaded with it and ``effect_lock=desk.lock``
-    (:meth:`ExchangeService.open` does)."""
-
-    desk: MarginDesk | None = None
-    wake_relay: Callable[[], None] | None = None
-    """Called after a commit that enqueued notices (the service wakes its relay)."""
-
-    def __post_init__(self) -> None:
-        desk = self.desk
-        if desk is None:
-            raise ConfigurationError("the desk's attestation consumer needs the desk")
-        if self.ledger is not desk.ledger or self.effect_lock is not desk.lock:
-            # Two ledgers, or two locks, would let the consumer and the desk plan against states
-            # the other is about to replace.
-            raise ConfigurationError("pass ledger=desk.ledger and effect_lock=desk.lock")
-        super().__post_init__()
-
-    @property
-    def the_desk(self) -> MarginDesk:
-        if self.desk is None:  # pragma: no cover - refused in __post_init__
-            raise ConfigurationError("no desk")
-        return self.desk
-
-    def publish_notices(self, session: Session, change: LedgerChange) -> None:
-        desk = self.the_desk
-        for notice in desk.sign_notices(change):
-            message = encode_notice(notice, catalogue=self.catalogue)
-            enqueue(
-                session, [message], sequence=NOTICE_OUTBOX_SEQUENCE, now=notice.notice.signed_at
-            )
-
-    def apply(self, session: Session, delivery: Delivery) -> AfterCommit | None:
-        return self._through_desk(super().apply(session, delivery))
-
-    def rejected(
-        self, session: Session, delivery: Delivery | None, error: CounterpartyError
-    ) -> AfterCommit | None:
-        return self._through_desk(super().rejected(session, delivery, error))
-
-    def _through_desk(self, after: AfterCommit | None) -> AfterCommit | None:
-        if after is None:
-            return None
-        desk, wake = self.the_desk, self.wake_relay
-
-        def run() -> None:
-            # The desk's seqlock (exchange/desk.py): odd while the ledger changes, even after.
-            # The desk offers this bracket only around its own change; the consumer's step also
-            # moves the receiver trees and heads, so the bracket is taken here, under the lock
-            # the base already holds (effect_lock is the desk's lock).
-            desk._sequence += 1
-            try:
-                after()
-            finally:
-                desk._sequence += 1
-            if wake is not None:
-                wake()
-
-        return run
 
 
 # --- the service --------------------------------------------------------------------------------
@@ -197,7 +117,7 @@ class ExchangeService:
         *,
         engine: Engine,
         desk: MarginDesk,
-        attestations: DeskAttestationConsumer,
+        attestations: AttestationConsumer,
         exposures: ExposureConsumer,
         relay: OutboxRelay,
         tokens: TokenStore,
@@ -260,7 +180,7 @@ class ExchangeService:
             )
             relay = OutboxRelay(engine, kafka, catalogue=catalogue, **dict(relay_options or {}))
             options = dict(consumer_options or {})
-            attestations = DeskAttestationConsumer.open(
+            attestations = AttestationConsumer.open(
                 engine,
                 kafka,
                 exchange=exchange,
@@ -270,10 +190,8 @@ class ExchangeService:
                 policy=policy,
                 catalogue=catalogue,
                 migrate_schema=False,
-                ledger=ledger,
                 streams=streams,
                 relay=relay,
-                effect_lock=desk.lock,
                 desk=desk,
                 clock=clock,
                 **options,
@@ -298,7 +216,6 @@ class ExchangeService:
             if owns:
                 engine.dispose()
             raise
-        attestations.wake_relay = service.wake_relay
         return service
 
     def close(self) -> None:
