@@ -590,6 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         # Migrations run at every open of the book; their progress lines are noise on a terminal.
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        if args.func is _cmd_demo:
+            # The demo narrates each step itself; the parts' own progress lines would interleave.
+            logging.getLogger().setLevel(logging.WARNING)
     try:
         status: int = args.func(args)
     except BridgeError as exc:
