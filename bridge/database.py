@@ -16,6 +16,9 @@ and pass them in here. Nothing in this module imports either package.
 from __future__ import annotations
 
 import contextlib
+import os
+import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -26,9 +29,9 @@ from alembic import command, context
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import BigInteger, Connection, DateTime, Engine, Integer, MetaData, event
+from sqlalchemy import BigInteger, Connection, DateTime, Engine, Integer, MetaData, event, make_url
 from sqlalchemy import create_engine as sqlalchemy_create_engine
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -82,10 +85,119 @@ def row_id_type() -> TypeEngine[int]:
 # --- engines ------------------------------------------------------------------------------------
 
 
+SQLITE_LOCK_TIMEOUT_S: Final = 5.0
+"""How long a transaction waits for a SQLite database's write lock before it fails as "database
+is locked" (and is retried): the in-process lock and SQLite's own busy timeout both."""
+READ_ONLY_OPTION: Final = "mcb_read_only"
+"""Execution option of a connection whose transaction only reads (see :func:`read_only`)."""
+
+
+class _WriteLocks:
+    """One :class:`threading.Lock` per SQLite database file, shared by every engine of the
+    process (the book, the service and the relay each open the same file).
+
+    Why: SQLite lets one writer in at a time, and a connection that finds the write lock taken
+    sleeps in its busy handler (1, 2, 5, 10, ... 100 ms) instead of being woken when the lock is
+    released; under load the sleeps, not the work, made the latency. Taking this lock before
+    ``BEGIN IMMEDIATE`` queues the writers of this process on a lock that wakes the next one at
+    once. SQLite's own lock still guards against other processes, so correctness never depends
+    on this one."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def for_path(self, path: str) -> threading.Lock:
+        key = os.path.normcase(os.path.realpath(path))
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+_write_locks: Final = _WriteLocks()
+
+
+def sqlite_write_lock(path: str | os.PathLike[str]) -> threading.Lock:
+    """The in-process write lock of the SQLite database file at ``path`` (the same object for
+    every spelling of the path)."""
+    return _write_locks.for_path(os.fspath(path))
+
+
+class _SqliteConnection(sqlite3.Connection):
+    """A pysqlite connection that gives the file's in-process write lock back when its
+    transaction ends (commit, rollback or close), whichever way SQLAlchemy ends it.
+
+    The lock is taken in the engine's ``begin`` event; it is released here, after SQLite itself
+    released its write lock, because SQLAlchemy's ``commit``/``rollback`` events run *before* the
+    driver's commit and rollback."""
+
+    write_lock: threading.Lock | None = None
+    holds_write_lock: bool = False
+    query_only: bool = False
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self._after_transaction()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._after_transaction()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.release_write_lock()
+
+    def _after_transaction(self) -> None:
+        try:
+            if self.in_transaction:
+                return  # the commit failed and the transaction is still open: keep the lock
+            if self.query_only:
+                self.query_only = False
+                self.execute("PRAGMA query_only = OFF")
+        except sqlite3.ProgrammingError:
+            pass  # closed: nothing to reset, and nothing of SQLite's is held any more
+        self.release_write_lock()
+
+    def release_write_lock(self) -> None:
+        if self.holds_write_lock and self.write_lock is not None:
+            self.holds_write_lock = False
+            self.write_lock.release()
+
+
+def _sqlite_file(url: URL) -> str | None:
+    """The file of a plain ``sqlite:///path`` URL; None for memory databases and ``file:``
+    URIs (those get no in-process lock, only SQLite's own)."""
+    database = url.database
+    if (
+        not database
+        or database == ":memory:"
+        or url.query.get("uri")
+        or database.startswith("file:")
+    ):
+        return None
+    return database
+
+
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it to the first
     # write, after the reads the write depends on).
     dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL: a reader reads a consistent snapshot without blocking the writer or waiting for
+        # it, and a commit costs one fsync of the log instead of the rollback journal's several.
+        # The mode is persistent in the file; a memory database answers "memory" and stays so.
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # FULL (not WAL's usual NORMAL): the log is synced at every commit, so a transaction
+        # reported committed survives a power failure. This is the custody book's money.
+        cursor.execute("PRAGMA synchronous = FULL")
+    finally:
+        cursor.close()
 
 
 def _sqlite_on_connect_with_foreign_keys(dbapi_connection: Any, record: Any) -> None:
@@ -98,9 +210,37 @@ def _sqlite_on_connect_with_foreign_keys(dbapi_connection: Any, record: Any) -> 
 
 
 def _sqlite_on_begin(connection: Connection) -> None:
+    raw = connection.connection.dbapi_connection
+    ours = raw if isinstance(raw, _SqliteConnection) else None
+    if connection.get_execution_options().get(READ_ONLY_OPTION):
+        # A deferred BEGIN takes no lock; in WAL mode the first read fixes the snapshot the
+        # whole transaction reads. query_only makes a write in it fail instead of racing.
+        if ours is not None:
+            ours.query_only = True
+        connection.exec_driver_sql("PRAGMA query_only = ON")
+        connection.exec_driver_sql("BEGIN")
+        return
     # Take the write lock before the first read: what a transaction reads cannot change before it
     # writes (SQLite has no SELECT ... FOR UPDATE).
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    if ours is not None and ours.write_lock is not None:
+        if not ours.write_lock.acquire(timeout=SQLITE_LOCK_TIMEOUT_S):
+            raise OperationalError(
+                "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
+            )
+        ours.holds_write_lock = True
+    try:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    except BaseException:
+        if ours is not None:
+            ours.release_write_lock()
+        raise
+
+
+def read_only(engine: Engine) -> Engine:
+    """``engine`` for transactions that only read. On SQLite they begin with a plain (deferred)
+    ``BEGIN``, take neither the in-process nor SQLite's write lock, read one consistent snapshot
+    (WAL), and fail on any write. On PostgreSQL nothing changes."""
+    return engine.execution_options(**{READ_ONLY_OPTION: True})
 
 
 def create_database_engine(
@@ -111,19 +251,38 @@ def create_database_engine(
     sqlite_foreign_keys: bool,
 ) -> Engine:
     """An engine on a ``sqlite:///path`` or ``postgresql+psycopg://...`` URL. Any other database
-    raises ``unsupported`` with a message naming ``owner`` (the bridge, the custody book). On
-    SQLite every transaction starts with ``BEGIN IMMEDIATE``, and foreign keys are enforced when
-    ``sqlite_foreign_keys`` is true (SQLite ignores them otherwise)."""
-    engine = sqlalchemy_create_engine(url, pool_pre_ping=True)
+    raises ``unsupported`` with a message naming ``owner`` (the bridge, the custody book).
+
+    On SQLite: the database is put in WAL mode with ``synchronous = FULL``; every transaction
+    starts with ``BEGIN IMMEDIATE`` after taking the file's in-process write lock
+    (:func:`sqlite_write_lock`), except those of :func:`read_only` engines; foreign keys are
+    enforced when ``sqlite_foreign_keys`` is true (SQLite ignores them otherwise)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = _sqlite_file(parsed)
+        engine = sqlalchemy_create_engine(
+            parsed,
+            # A file has no server that could have dropped the connection: no ping per checkout.
+            pool_pre_ping=False,
+            connect_args={"factory": _SqliteConnection, "timeout": SQLITE_LOCK_TIMEOUT_S},
+        )
+        lock = None if path is None else sqlite_write_lock(path)
+        base_connect = (
+            _sqlite_on_connect_with_foreign_keys if sqlite_foreign_keys else _sqlite_on_connect
+        )
+
+        def on_connect(dbapi_connection: Any, record: Any) -> None:
+            base_connect(dbapi_connection, record)
+            if isinstance(dbapi_connection, _SqliteConnection):
+                dbapi_connection.write_lock = lock
+
+        event.listen(engine, "connect", on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    engine = sqlalchemy_create_engine(parsed, pool_pre_ping=True)
     if engine.dialect.name not in SUPPORTED_DIALECTS:
         engine.dispose()
         raise unsupported(f"{owner} runs on SQLite or PostgreSQL, not {url!r}")
-    if engine.dialect.name == "sqlite":
-        on_connect = (
-            _sqlite_on_connect_with_foreign_keys if sqlite_foreign_keys else (_sqlite_on_connect)
-        )
-        event.listen(engine, "connect", on_connect)
-        event.listen(engine, "begin", _sqlite_on_begin)
     return engine
 
 

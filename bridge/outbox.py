@@ -11,7 +11,8 @@
   (the embedded broker has no idempotent producer, so duplicates are possible anyway).
 * Broker data loss: the relay remembers, in the rows, the partition and offset each record got.
   When a topic it wrote to is missing, or a partition's end offset is not past the highest offset
-  it was given, the broker lost its log (the embedded broker keeps nothing across a restart). The
+  it was given, twice 0.2 s apart (an end offset may trail an acknowledgement for a moment), the
+  broker lost its log (the embedded broker keeps nothing across a restart). The
   relay then re-creates the topics and republishes, per stream, the latest snapshot statement and
   every entry after it, with their chunks: enough for a consumer that starts from nothing. The
   same is done on request (:meth:`OutboxRelay.request_republish`, :meth:`republish_from`).
@@ -89,6 +90,8 @@ DEFAULT_BACKOFF_INITIAL_S: Final = 0.05
 DEFAULT_BACKOFF_MAX_S: Final = 5.0
 DEFAULT_LOSS_CHECK_INTERVAL_S: Final = 10.0
 DEFAULT_PURGE_INTERVAL_S: Final = 3600.0
+LOSS_RECHECK_S: Final = 0.2
+"""Pause before the second look that confirms a suspected broker data loss."""
 
 T = TypeVar("T")
 
@@ -195,15 +198,21 @@ def run_transaction(
     *,
     what: str,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    read_only: bool = False,
 ) -> T:
     """Run ``work`` in one transaction and commit; retry lock conflicts a few times, then raise
     :class:`BridgeDatabaseUnavailable`. A unique-key conflict is retried too (a concurrent
     transaction inserted the same progress row first: the next try sees it), and raises
     :class:`~attestations.errors.InvariantViolation` when it persists. Any other exception rolls
-    back and propagates."""
+    back and propagates.
+
+    ``read_only``: ``work`` only reads. On SQLite the transaction then reads one snapshot without
+    taking the write lock (:func:`bridge.database.read_only`), so it neither waits for writers nor
+    makes them wait; a write in it fails."""
+    bind = database.read_only(engine) if read_only else engine
 
     def attempt() -> T:
-        with Session(engine, expire_on_commit=False) as session, session.begin():
+        with Session(bind, expire_on_commit=False) as session, session.begin():
             return work(session)
 
     return database.run_with_retries(
@@ -315,7 +324,8 @@ class RelayMetrics:
     """Passes that failed on a transient error and were retried after a back-off."""
     purged: int = 0
     lag: int = 0
-    """Unsent rows after the last pass."""
+    """Unsent rows after the last pass: those unsent when its batch was read, less the rows it
+    marked sent (rows enqueued during the pass count from the next one)."""
     last_error: str | None = None
 
 
@@ -371,6 +381,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._republish_requested = False
         self._check_loss = True
+        self._unsent_seen = 0
 
     # --- control --------------------------------------------------------------------------------
 
@@ -478,7 +489,7 @@ class OutboxRelay:
                 .scalar_one()
             )
 
-        return run_transaction(self.engine, work, what="counting unsent rows")
+        return run_transaction(self.engine, work, what="counting unsent rows", read_only=True)
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -495,11 +506,14 @@ class OutboxRelay:
                     while not stop.is_set():
                         await self._maybe_recover(probe)
                         published = await self.publish_pending(producer)
-                        self.metrics.lag = await asyncio.to_thread(self.count_unsent)
+                        # Counted in the read that loaded the batch, less what was marked: no
+                        # transaction of its own. Rows enqueued since were not counted; their
+                        # enqueuer woke the relay, so the idle wait below returns at once.
+                        self.metrics.lag = max(0, self._unsent_seen - published)
                         if time.monotonic() - last_purge >= self.purge_interval_s:
                             await asyncio.to_thread(self.purge)
                             last_purge = time.monotonic()
-                        if published == 0 and self.metrics.lag == 0:
+                        if self.metrics.lag == 0:
                             await self._idle(stop)
             except TransientError as exc:
                 self.metrics.retries += 1
@@ -557,12 +571,14 @@ class OutboxRelay:
         self._check_loss = False
         self._last_check = now
         if await self.detect_loss(probe):
-            self.metrics.broker_losses += 1
             logger.warning("outbox relay: the broker lost records it acknowledged; republishing")
             if self.create_topics:
                 with kafka_errors("create topics"):
                     await ensure_topics(self.settings, self.catalogue.all_topics())
             await asyncio.to_thread(self.republish_needed)
+            # Counted once the rows are marked for republication: whoever sees the count sees
+            # the rows unsent again.
+            self.metrics.broker_losses += 1
 
     async def detect_loss(self, probe: AIOKafkaConsumer) -> bool:
         """True when a topic the relay wrote to is gone, or a partition ends at or before the
@@ -584,14 +600,32 @@ class OutboxRelay:
             )
             return [(str(t), int(p), int(o)) for t, p, o in rows]
 
-        marks = await asyncio.to_thread(run_transaction, self.engine, work, what="reading marks")
+        marks = await asyncio.to_thread(
+            run_transaction, self.engine, work, what="reading marks", read_only=True
+        )
         if not marks:
             return False
+        # A broker may acknowledge a record a moment before its end offset (the high watermark)
+        # shows it; the embedded broker does. A loss seen once is confirmed by a second look.
+        if not await self._looks_lost(probe, marks):
+            return False
+        await asyncio.sleep(LOSS_RECHECK_S)
+        return await self._looks_lost(probe, marks)
+
+    @staticmethod
+    async def _looks_lost(probe: AIOKafkaConsumer, marks: list[tuple[str, int, int]]) -> bool:
         with kafka_errors("read topic metadata"):
-            existing = await probe.topics()
+            # Names and partitions from one fresh fetch (through aiokafka's client: no public
+            # call returns both). probe.topics() fetches fresh metadata but returns only the
+            # names, and probe.partitions_for_topic() answers from the client's cached metadata,
+            # which does not know a topic created after the client started (the relay creates
+            # its topics after starting the probe): such a topic would look lost until the
+            # cache's next refresh, and be republished for nothing.
+            cluster = await probe._client.fetch_all_metadata()
+        existing = cluster.topics()
         partitions: list[TopicPartition] = []
         for topic, partition, _ in marks:
-            known = probe.partitions_for_topic(topic) if topic in existing else None
+            known = cluster.partitions_for_topic(topic) if topic in existing else None
             if not known or partition not in known:
                 return True
             partitions.append(TopicPartition(topic, partition))
@@ -601,9 +635,17 @@ class OutboxRelay:
             ends[TopicPartition(topic, partition)] <= offset for topic, partition, offset in marks
         )
 
-    def _load_unsent(self) -> list[_Row]:
-        def work(session: Session) -> list[_Row]:
-            result = session.connection().execute(
+    def _load_unsent(self) -> tuple[list[_Row], int]:
+        """The next batch of unsent rows, and how many rows were unsent (one snapshot)."""
+
+        def work(session: Session) -> tuple[list[_Row], int]:
+            connection = session.connection()
+            unsent = connection.execute(
+                select(func.count())
+                .select_from(outbox_table)
+                .where(outbox_table.c.sent_at.is_(None))
+            ).scalar_one()
+            result = connection.execute(
                 select(
                     outbox_table.c.id,
                     outbox_table.c.topic,
@@ -623,9 +665,9 @@ class OutboxRelay:
                     break
                 rows.append(row)
                 size += row.size
-            return rows
+            return rows, int(unsent)
 
-        return run_transaction(self.engine, work, what="reading unsent rows")
+        return run_transaction(self.engine, work, what="reading unsent rows", read_only=True)
 
     def _mark_sent(self, acked: Sequence[_Acked]) -> None:
         moment = datetime.now(UTC)
@@ -654,7 +696,7 @@ class OutboxRelay:
         """One pass: publish up to one batch of unsent rows in id order, wait for every
         acknowledgement in order, mark the acknowledged ones sent. Returns how many were marked.
         A failed send marks the rows acknowledged before it and raises (the rest stay unsent)."""
-        rows = await asyncio.to_thread(self._load_unsent)
+        rows, self._unsent_seen = await asyncio.to_thread(self._load_unsent)
         if not rows:
             return 0
         futures: list[asyncio.Future[Any]] = []

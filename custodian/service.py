@@ -207,6 +207,8 @@ class AttestationService:
         self._clock = clock
         self._lock = threading.Lock()
         self._unstored: _Signed | None = None
+        self._chained_to: bytes | None = None
+        """``previous`` of the newest statement this service stored (None before the first)."""
         self._snapshot_requested = False
         self.last_prices: PriceSnapshot | None = None
         """The price snapshot of the latest epoch (its ``stale`` and ``missing`` are flagged in
@@ -274,7 +276,24 @@ class AttestationService:
     def catch_up_log(self) -> int:
         """Append to the transparency log, in sequence order, every committed statement of this
         stream it is missing (after a crash between a commit and its append). Returns how many.
-        """
+
+        The stream's state names its newest committed statement (and, once this service stored
+        one, the statement that one chains to). Appends are in sequence order, so when the log
+        holds the newest, it holds every earlier one, and when it holds the one before, the
+        newest is all that is missing: the usual case after an epoch needs no database read.
+        Otherwise the statements table is walked back from the newest."""
+        newest = self.state.previous if self.state.sequence else None
+        if newest is not None and self._log.index_of(newest) is not None:
+            return 0
+        chained_to = self._chained_to
+        if (
+            newest is not None
+            and chained_to is not None
+            and self.state.sequence > 1
+            and self._log.index_of(chained_to) is not None
+        ):
+            self._log.append(newest)
+            return 1
         missing: list[bytes] = []
 
         def work(session: Session) -> None:
@@ -290,7 +309,7 @@ class AttestationService:
                     break
                 missing.append(bytes(digest))
 
-        run_transaction(self.engine, work, what="reading statements for the log")
+        run_transaction(self.engine, work, what="reading statements for the log", read_only=True)
         for digest in reversed(missing):
             self._log.append(digest)
         return len(missing)
@@ -351,11 +370,16 @@ class AttestationService:
             enqueue(session, entry.messages, sequence=signed.statement.sequence, now=now)
 
         run_transaction(self.engine, work, what=f"storing statement {signed.statement.sequence}")
+        # The outbox rows are committed: the relay may publish them now, while the log append
+        # (a commit and sync of its own file) runs. The log was never a precondition of
+        # publication (a crash between commit and append already publishes first).
+        self._wake_relay()
         self._unstored = None
         entry.plan.commit()
         if signed.statement.kind is StatementKind.SNAPSHOT:
             self.last_snapshot = signed.statement.sequence
             self._snapshot_requested = False
+        self._chained_to = signed.statement.previous
         self.catch_up_log()
         return signed
 
@@ -625,7 +649,9 @@ def restore_epoch_state(
             [(str(a), str(s), int(p), int(q)) for a, s, p, q in leaves],
         )
 
-    wire, last_snapshot, rows = run_transaction(engine, work, what="restoring the epoch state")
+    wire, last_snapshot, rows = run_transaction(
+        engine, work, what="restoring the epoch state", read_only=True
+    )
     state = EpochState(custodian, exchange)
     if wire is None:
         if rows:
