@@ -10,9 +10,15 @@ snapshots (docs/protocol.md section 12).
   snapshot is cut into *parts*; every part carries the commitments over all lines (count, per-asset
   totals, total value, Merkle root) and a contiguous run of the lines, so each part is a bounded
   message and the whole is checked by :func:`combine_snapshot_parts`.
+* :class:`ReleaseAck` is the exchange's consent that one custodian release ``quantity`` units of
+  one asset from the client's pledge to the exchange (the unpledge needs it). It is valid from
+  ``issued_at`` until ``expires_at`` (at most :data:`MAX_RELEASE_VALIDITY` later) and names itself
+  by a deterministic ``release_id``; :func:`verify_release_ack` adds the expiry check to
+  :func:`verify_notice`. Using an acknowledgement once is the custodian's book's business.
 
 Every body has a ``version``, its own domain tag (``mcb/margin-call/v1``,
-``mcb/liquidation-due/v1``, ``mcb/positions-snapshot/v1``) and RFC 8785 canonical bytes; its
+``mcb/liquidation-due/v1``, ``mcb/positions-snapshot/v1``, ``mcb/release-ack/v1``) and RFC 8785
+canonical bytes; its
 digest is ``SHA-256(tag || 0x00 || RFC8785(body))``. A :class:`SignedNotice` carries one body and
 the exchange's ECDSA P-256 signature over that digest (an HSM key through PKCS#11 in production,
 any :class:`~attestations.p256.DigestSigner`). :func:`verify_notice` accepts a notice only when a
@@ -58,6 +64,7 @@ from attestations.canonical import (
 from attestations.errors import (
     AmountError,
     DecodeError,
+    Expired,
     FloatRejected,
     FutureDated,
     RootMismatch,
@@ -90,6 +97,15 @@ DOMAIN_MARGIN_CALL: Final = "mcb/margin-call/v1"
 DOMAIN_LIQUIDATION_DUE: Final = "mcb/liquidation-due/v1"
 DOMAIN_POSITIONS_SNAPSHOT: Final = "mcb/positions-snapshot/v1"
 DOMAIN_NOTICE_ID: Final = "mcb/notice-id/v1"
+DOMAIN_RELEASE_ACK: Final = "mcb/release-ack/v1"
+DOMAIN_RELEASE_ID: Final = "mcb/release-id/v1"
+
+DEFAULT_RELEASE_VALIDITY: Final = timedelta(minutes=15)
+"""How long the exchange's release acknowledgement is valid by default: long enough for the
+custodian to run the unpledge, short enough that the exchange's reservation of the released units
+(exchange/ledger.py) ends soon after."""
+MAX_RELEASE_VALIDITY: Final = timedelta(hours=1)
+"""The longest validity a release acknowledgement may state; a longer one does not decode."""
 
 SIGNED_LIMIT: Final = UNITS_LIMIT
 """Signed amounts lie strictly between ``-2**128`` and ``2**128``."""
@@ -111,6 +127,7 @@ class NoticeType(StrEnum):
     MARGIN_CALL = "margin_call"
     LIQUIDATION_DUE = "liquidation_due"
     POSITIONS_SNAPSHOT = "positions_snapshot"
+    RELEASE_ACK = "release_ack"
 
 
 class LiquidationReason(StrEnum):
@@ -804,14 +821,147 @@ def combine_snapshot_parts(parts: Iterable[PositionsSnapshot]) -> tuple[Position
     return tuple(lines)
 
 
+# --- release acknowledgement --------------------------------------------------------------------
+
+
+_RELEASE_KEYS: Final = frozenset(
+    {
+        "asset",
+        "client",
+        "custodian",
+        "exchange",
+        "expires_at",
+        "issued_at",
+        "quantity",
+        "release_id",
+        "version",
+    }
+)
+
+
+def compute_release_id(
+    *, exchange: str, custodian: str, client: str, asset: str, quantity: int, issued_at: datetime
+) -> str:
+    """``hex(SHA-256("mcb/release-id/v1" || 0x00 || exchange || 0x00 || custodian || 0x00 ||
+    client || 0x00 || asset || 0x00 || quantity || 0x00 || issued_at))``, every part ASCII (the
+    quantity as its decimal string, the time in its wire form). No part contains 0x00. Two
+    acknowledgements that differ in any of these members have different ids, so the custodian
+    can key its single-use record by the id."""
+    data = "\x00".join(
+        (
+            exchange,
+            custodian,
+            client,
+            asset,
+            format_units(quantity),
+            format_timestamp(issued_at),
+        )
+    )
+    return compute_tagged_hash(domain=DOMAIN_RELEASE_ID, data=data.encode("ascii")).hex()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseAck:
+    """The exchange agrees that ``custodian`` release ``quantity`` minor units of ``asset`` from
+    ``client``'s pledge to the exchange, from ``issued_at`` until ``expires_at`` (strictly later,
+    at most :data:`MAX_RELEASE_VALIDITY` later). ``release_id`` is derived from the members
+    (:func:`compute_release_id`). An acknowledgement releases at most its quantity, once: the
+    custodian's book enforces that."""
+
+    notice_type: ClassVar[NoticeType] = NoticeType.RELEASE_ACK
+    domain: ClassVar[str] = DOMAIN_RELEASE_ACK
+
+    exchange: str
+    custodian: str
+    client: str
+    asset: str
+    quantity: int
+    issued_at: datetime
+    expires_at: datetime
+    version: int = NOTICE_VERSION
+
+    def __post_init__(self) -> None:
+        require_version(self.version, expected=NOTICE_VERSION, what="release acknowledgement")
+        validate_party(self.exchange, what="exchange")
+        validate_party(self.custodian, what="custodian")
+        if self.exchange == self.custodian:
+            raise DecodeError("exchange and custodian must be different parties")
+        validate_account(self.client)
+        validate_asset_code(self.asset)
+        if check_units(self.quantity, what="quantity") == 0:
+            raise DecodeError("a release acknowledgement releases at least one unit")
+        require_utc(self.issued_at, what="issued_at")
+        require_utc(self.expires_at, what="expires_at")
+        if self.expires_at <= self.issued_at:
+            raise DecodeError("a release acknowledgement must expire after it is issued")
+        if self.expires_at - self.issued_at > MAX_RELEASE_VALIDITY:
+            raise DecodeError(
+                f"a release acknowledgement is valid for at most {MAX_RELEASE_VALIDITY}"
+            )
+
+    @property
+    def release_id(self) -> str:
+        return compute_release_id(
+            exchange=self.exchange,
+            custodian=self.custodian,
+            client=self.client,
+            asset=self.asset,
+            quantity=self.quantity,
+            issued_at=self.issued_at,
+        )
+
+    @property
+    def signed_at(self) -> datetime:
+        return self.issued_at
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "asset": self.asset,
+            "client": self.client,
+            "custodian": self.custodian,
+            "exchange": self.exchange,
+            "expires_at": format_timestamp(self.expires_at),
+            "issued_at": format_timestamp(self.issued_at),
+            "quantity": format_units(self.quantity),
+            "release_id": self.release_id,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> ReleaseAck:
+        m = require_members(obj, what="release acknowledgement", keys=_RELEASE_KEYS)
+        require_version(m["version"], expected=NOTICE_VERSION, what="release acknowledgement")
+        ack = cls(
+            exchange=validate_party(m["exchange"], what="exchange"),
+            custodian=validate_party(m["custodian"], what="custodian"),
+            client=validate_account(m["client"]),
+            asset=validate_asset_code(m["asset"]),
+            quantity=parse_units(m["quantity"]),
+            issued_at=parse_timestamp(m["issued_at"]),
+            expires_at=parse_timestamp(m["expires_at"]),
+        )
+        if m["release_id"] != ack.release_id:
+            raise DecodeError(
+                f"release_id {str(m['release_id'])[:70]!r} is not the acknowledgement's id"
+            )
+        return ack
+
+    def canonical_bytes(self) -> bytes:
+        return compute_canonical_bytes(self.to_wire())
+
+    def compute_digest(self) -> bytes:
+        return compute_digest(domain=self.domain, obj=self.to_wire())
+
+
 # --- the signed wrapper -------------------------------------------------------------------------
 
 
-NoticeBody = MarginCall | LiquidationDue | PositionsSnapshot
-_BODY_TYPES: Final[Mapping[NoticeType, type[MarginCall | LiquidationDue | PositionsSnapshot]]] = {
+NoticeBody = MarginCall | LiquidationDue | PositionsSnapshot | ReleaseAck
+_BODY_TYPES: Final[Mapping[NoticeType, type[NoticeBody]]] = {
     NoticeType.MARGIN_CALL: MarginCall,
     NoticeType.LIQUIDATION_DUE: LiquidationDue,
     NoticeType.POSITIONS_SNAPSHOT: PositionsSnapshot,
+    NoticeType.RELEASE_ACK: ReleaseAck,
 }
 _SIGNED_KEYS: Final = frozenset({"notice", "signature", "type", "version"})
 _SIGNATURE_KEYS: Final = frozenset({"algorithm", "key_id", "signature"})
@@ -858,8 +1008,10 @@ class SignedNotice:
 
     def __post_init__(self) -> None:
         require_version(self.version, expected=NOTICE_VERSION, what="signed notice")
-        if not isinstance(self.notice, MarginCall | LiquidationDue | PositionsSnapshot):
-            raise DecodeError("notice must be a MarginCall, LiquidationDue or PositionsSnapshot")
+        if not isinstance(self.notice, tuple(_BODY_TYPES.values())):
+            raise DecodeError(
+                "notice must be a MarginCall, LiquidationDue, PositionsSnapshot or ReleaseAck"
+            )
         if not isinstance(self.signature, NoticeSignature):
             raise DecodeError("signature must be a NoticeSignature")
 
@@ -945,3 +1097,28 @@ def verify_notice(
             f"{format_timestamp(now)}"
         )
     return notice
+
+
+def verify_release_ack(
+    message: SignedNotice | bytes,
+    *,
+    registry: KeyRegistry,
+    now: datetime,
+    max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+) -> ReleaseAck:
+    """The acknowledgement if :func:`verify_notice` accepts the message, its body is a
+    :class:`ReleaseAck` (else DecodeError: a margin call is not a release), and it has not
+    expired at ``now`` (``now < expires_at``, else Expired). Whether it fits an unpledge and was
+    used before is for the caller (custodian/book.py)."""
+    body = verify_notice(
+        message, registry=registry, now=now, max_clock_skew=max_clock_skew, max_bytes=max_bytes
+    )
+    if not isinstance(body, ReleaseAck):
+        raise DecodeError(f"a {body.notice_type.value} notice is not a release acknowledgement")
+    if now >= body.expires_at:
+        raise Expired(
+            f"release acknowledgement {body.release_id} expired at "
+            f"{format_timestamp(body.expires_at)}, it is {format_timestamp(now)}"
+        )
+    return body

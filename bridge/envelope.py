@@ -4,9 +4,10 @@ Every bridge message is a Kafka record whose headers follow the CloudEvents Kafk
 (``ce_specversion``, ``ce_id``, ``ce_source``, ``ce_type``, ``ce_time``, ``content-type``) plus the
 bridge's own ``mcb_*`` headers, and whose value is the body: RFC 8785 bytes of a JSON object for
 statements, snapshot requests, the exchange's signed notices (margin calls, liquidation-due
-notices, positions snapshots) and exposure reports, a slice of the canonical leaf disclosure for a
-disclosure chunk, and the untouched original value for a dead letter. docs/protocol.md section 11
-specifies every byte; this module is the reference implementation.
+notices, positions snapshots, release acknowledgements) and exposure reports, a slice of the
+canonical leaf disclosure for a disclosure chunk, and the untouched original value for a dead
+letter. docs/protocol.md section 11 specifies every byte; this module is the reference
+implementation.
 
 :func:`decode_message` accepts a record or raises a
 :class:`~attestations.errors.DecodeError` subclass whose ``reason`` the consumer writes into the
@@ -46,6 +47,7 @@ from attestations.notices import (
     MarginCall,
     NoticeType,
     PositionsSnapshot,
+    ReleaseAck,
     SignedNotice,
     check_signed_units,
     format_signed_units,
@@ -457,6 +459,7 @@ _TYPE_HEADERS: Final[Mapping[MessageType, tuple[str, ...]]] = {
         "mcb_notice_digest",
     ),
     MessageType.EXPOSURE_REPORT: ("mcb_client",),
+    MessageType.RELEASE_ACK: ("mcb_stream", "mcb_release_id", "mcb_notice_digest"),
 }
 _OPTIONAL_HEADERS: Final[Mapping[MessageType, frozenset[str]]] = {
     MessageType.DEAD_LETTER: frozenset({"mcb_dlq_key"}),  # absent when the original key was null
@@ -470,12 +473,14 @@ _CONTENT_TYPES: Final[Mapping[MessageType, str]] = {
     MessageType.LIQUIDATION_DUE: JSON,
     MessageType.POSITIONS_SNAPSHOT: JSON,
     MessageType.EXPOSURE_REPORT: JSON,
+    MessageType.RELEASE_ACK: JSON,
 }
 # The notice type a record of each notice message type carries.
 _NOTICE_TYPES: Final[Mapping[MessageType, NoticeType]] = {
     MessageType.MARGIN_CALL: NoticeType.MARGIN_CALL,
     MessageType.LIQUIDATION_DUE: NoticeType.LIQUIDATION_DUE,
     MessageType.POSITIONS_SNAPSHOT: NoticeType.POSITIONS_SNAPSHOT,
+    MessageType.RELEASE_ACK: NoticeType.RELEASE_ACK,
 }
 _ID_EXCLUDED: Final = frozenset({"ce_id", "ce_time"})
 
@@ -662,9 +667,10 @@ def encode_notice(
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
 ) -> OutboundMessage:
     """A signed notice as one record, a pure function of the notice (``ce_time`` is its
-    ``issued_at``, or ``as_of``). Margin calls and liquidation-due notices go to the instructions
-    topic keyed by ``<custodian>/<exchange>``; a positions snapshot part goes to ledger-snapshots
-    keyed by the exchange. The signature is not checked here: the caller signed it."""
+    ``issued_at``, or ``as_of``). Margin calls, liquidation-due notices and release
+    acknowledgements go to the instructions topic keyed by ``<custodian>/<exchange>``; a positions
+    snapshot part goes to ledger-snapshots keyed by the exchange. The signature is not checked
+    here: the caller signed it."""
     notice = signed.notice
     digest = ("mcb_notice_digest", signed.digest.hex())
     if isinstance(notice, PositionsSnapshot):
@@ -676,6 +682,10 @@ def encode_notice(
             ("mcb_snapshot_parts", str(notice.parts)),
             digest,
         )
+    elif isinstance(notice, ReleaseAck):
+        message_type = MessageType.RELEASE_ACK
+        key = compute_stream_key(custodian=notice.custodian, exchange=notice.exchange)
+        extra = (("mcb_stream", key), ("mcb_release_id", notice.release_id), digest)
     else:
         message_type = (
             MessageType.MARGIN_CALL
@@ -1158,6 +1168,23 @@ def _decode_margin_notice(envelope: Envelope, found: Mapping[str, bytes], value:
     return signed
 
 
+def _decode_release_ack(envelope: Envelope, found: Mapping[str, bytes], value: bytes) -> Body:
+    custodian, exchange = _header_stream(found)
+    release_id = _header_hex32(found, "mcb_release_id")
+    _header_hex32(found, "mcb_notice_digest")
+    _check_stream_key(envelope, custodian, exchange)
+    signed = _decode_notice_body(envelope.type, value)
+    notice = signed.notice
+    if not isinstance(notice, ReleaseAck):  # pragma: no cover - type checked
+        raise HeaderMismatch("not a release acknowledgement")
+    if (notice.custodian, notice.exchange) != (custodian, exchange):
+        raise HeaderMismatch("mcb_stream names another stream than the acknowledgement")
+    if notice.release_id != release_id.hex():
+        raise HeaderMismatch("mcb_release_id is not the acknowledgement's id")
+    _check_notice_envelope(envelope, found, signed)
+    return signed
+
+
 def _decode_positions_snapshot(
     envelope: Envelope, found: Mapping[str, bytes], value: bytes
 ) -> Body:
@@ -1208,4 +1235,5 @@ _DECODERS: Final = {
     MessageType.LIQUIDATION_DUE: _decode_margin_notice,
     MessageType.POSITIONS_SNAPSHOT: _decode_positions_snapshot,
     MessageType.EXPOSURE_REPORT: _decode_exposure_report,
+    MessageType.RELEASE_ACK: _decode_release_ack,
 }

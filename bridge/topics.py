@@ -34,8 +34,8 @@ class TopicKind(StrEnum):
     ATTESTATIONS = "attestations"
     """Custodian -> exchanges: signed statements and the chunks of their leaf disclosures."""
     INSTRUCTIONS = "instructions"
-    """Exchange -> custodian: snapshot requests, margin calls and liquidation-due notices (signed
-    liquidation instructions and releases later)."""
+    """Exchange -> custodian: snapshot requests, margin calls, liquidation-due notices and release
+    acknowledgements (signed liquidation instructions later)."""
     REPORTS = "reports"
     """Custodian -> exchange: executions and acknowledgements (no message type defined yet)."""
     LEDGER_SNAPSHOTS = "ledger-snapshots"
@@ -59,6 +59,7 @@ class MessageType(StrEnum):
     LIQUIDATION_DUE = "mcb.liquidation-due.v1"
     POSITIONS_SNAPSHOT = "mcb.positions-snapshot.v1"
     EXPOSURE_REPORT = "mcb.exposure-report.v1"
+    RELEASE_ACK = "mcb.release-ack.v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +94,12 @@ TOPIC_SPECS: Final[Mapping[TopicKind, TopicSpec]] = {
         key="<custodian>/<exchange>",
         partitions=6,
         message_types=frozenset(
-            {MessageType.SNAPSHOT_REQUEST, MessageType.MARGIN_CALL, MessageType.LIQUIDATION_DUE}
+            {
+                MessageType.SNAPSHOT_REQUEST,
+                MessageType.MARGIN_CALL,
+                MessageType.LIQUIDATION_DUE,
+                MessageType.RELEASE_ACK,
+            }
         ),
     ),
     TopicKind.REPORTS: TopicSpec(

@@ -45,18 +45,21 @@ from attestations.errors import BridgeError
 from attestations.keys import KeyRecord, KeyRegistry, KeyRole
 from attestations.notices import (
     DOMAIN_NOTICE_ID,
+    DOMAIN_RELEASE_ID,
     LiquidationDue,
     LiquidationReason,
     MarginCall,
     NoticeType,
     PositionLine,
     PositionsSnapshot,
+    ReleaseAck,
     StreamHeadRef,
     build_positions_snapshot,
     combine_snapshot_parts,
     parse_signed_units,
     sign_notice,
     verify_notice,
+    verify_release_ack,
 )
 from attestations.p256 import ALGORITHM, encode_public_key, verify_p256_digest
 from bridge.envelope import ExposureReport, OutboundMessage, encode_exposure_report, encode_notice
@@ -77,7 +80,10 @@ DESCRIPTION: Final = (
     "verify each part, combine them and compare the lines. cases: message_utf8 verified at "
     "`now` (the case's own or the top-level one); `expected` is `ok` or the reason of the first "
     "failing check. records: Kafka records (topic, key, value, headers in producer order) of "
-    "the notices and of an exposure report; encode the input and compare byte for byte."
+    "the notices and of an exposure report; encode the input and compare byte for byte. "
+    "release_ids: the preimage and the id of the release acknowledgement. release_ack_cases: "
+    "message_utf8 checked as a release acknowledgement (signature as for every notice, then the "
+    "body type and the expiry: `now` < expires_at) at the case's `now`."
 )
 
 
@@ -187,6 +193,18 @@ def liquidation_line() -> LiquidationDue:
     )
 
 
+def release_ack() -> ReleaseAck:
+    return ReleaseAck(
+        exchange="exchange-x",
+        custodian="custodian-a",
+        client="alice",
+        asset="BTC",
+        quantity=50_000_000,
+        issued_at=T0,
+        expires_at=T0 + timedelta(minutes=15),
+    )
+
+
 HEADS: Final = (
     StreamHeadRef("custodian-a", 7, hashlib.sha256(b"statement a/7").digest()),
     StreamHeadRef("custodian-b", 2, hashlib.sha256(b"statement b/2").digest()),
@@ -227,7 +245,7 @@ def confirm(name: str, expected: str, action: Callable[[], object]) -> str:
 
 
 def notice_vector(
-    name: str, body: MarginCall | LiquidationDue | PositionsSnapshot
+    name: str, body: MarginCall | LiquidationDue | PositionsSnapshot | ReleaseAck
 ) -> dict[str, Any]:
     signed = sign_notice(body, EXCHANGE)
     canonical = body.canonical_bytes()
@@ -236,7 +254,8 @@ def notice_vector(
     if digest != body.compute_digest():
         raise SystemExit(f"{name}: the written-out digest preimage disagrees")
     message = signed.encode()
-    confirm(name, "ok", lambda: verify_notice(message, registry=registry(), now=NOW))
+    at = body.issued_at if isinstance(body, ReleaseAck) else NOW  # an acknowledgement expires
+    confirm(name, "ok", lambda: verify_notice(message, registry=registry(), now=at))
     return {
         "name": name,
         "type": body.notice_type.value,
@@ -258,6 +277,109 @@ def notice_id_vector(body: MarginCall | LiquidationDue) -> dict[str, Any]:
     if notice_id != body.notice_id:
         raise SystemExit("the written-out notice id preimage disagrees")
     return {"preimage_hex": preimage.hex(), "notice_id": notice_id}
+
+
+def release_id_vector(body: ReleaseAck) -> dict[str, Any]:
+    parts = (
+        body.exchange,
+        body.custodian,
+        body.client,
+        body.asset,
+        str(body.quantity),
+        format_timestamp(body.issued_at),
+    )
+    preimage = DOMAIN_RELEASE_ID.encode("ascii") + b"\x00" + "\x00".join(parts).encode("ascii")
+    release_id = hashlib.sha256(preimage).hexdigest()
+    if release_id != body.release_id:
+        raise SystemExit("the written-out release id preimage disagrees")
+    return {"preimage_hex": preimage.hex(), "release_id": release_id}
+
+
+def release_ack_cases() -> list[dict[str, Any]]:
+    ack = release_ack()
+    good = sign_notice(ack, EXCHANGE).encode()
+    at = format_timestamp(ack.issued_at + timedelta(minutes=1))
+    last = format_timestamp(ack.expires_at - timedelta(milliseconds=1))
+    expiry = format_timestamp(ack.expires_at)
+    long_validity = json.loads(good)
+    long_validity["notice"]["expires_at"] = format_timestamp(ack.issued_at + timedelta(hours=2))
+    raw: list[tuple[str, str, str, str]] = [
+        ("the acknowledgement as signed", good.decode(), "ok", at),
+        ("one millisecond before it expires", good.decode(), "ok", last),
+        ("at its expires_at", good.decode(), "expired", expiry),
+        ("quantity raised", _tamper(good, "quantity", "60000000"), "malformed", at),
+        (
+            "quantity raised, release_id recomputed",
+            _tamper_release(good, quantity=60_000_000),
+            "bad_signature",
+            at,
+        ),
+        (
+            "client changed, release_id recomputed",
+            _tamper_release(good, client="bob"),
+            "bad_signature",
+            at,
+        ),
+        (
+            "expires_at extended by a minute",
+            _tamper(good, "expires_at", format_timestamp(ack.expires_at + timedelta(minutes=1))),
+            "bad_signature",
+            at,
+        ),
+        (
+            "valid for more than an hour",
+            compute_canonical_bytes(long_validity).decode(),
+            "malformed",
+            at,
+        ),
+        ("quantity as a JSON number", _tamper(good, "quantity", 50_000_000), "invalid_amount", at),
+        (
+            "signed by the revoked key",
+            sign_notice(ack, REVOKED).encode().decode(),
+            "revoked_key",
+            at,
+        ),
+        (
+            "a margin call is not a release acknowledgement",
+            sign_notice(margin_call(), EXCHANGE).encode().decode(),
+            "malformed",
+            format_timestamp(NOW),
+        ),
+    ]
+    out = []
+    for description, text, expected, now_text in raw:
+        now = parse_timestamp(now_text)
+        data = text.encode()
+        confirm(
+            description, expected, partial(verify_release_ack, data, registry=registry(), now=now)
+        )
+        out.append(
+            {
+                "description": description,
+                "message_utf8": text,
+                "now": now_text,
+                "expected": expected,
+            }
+        )
+    return out
+
+
+def _tamper_release(message: bytes, **changes: Any) -> str:
+    """The signed message with body members changed and the release_id made to match them, so
+    the change reaches the signature check."""
+    wire = json.loads(message)
+    body = ReleaseAck.from_wire(wire["notice"])
+    changed = ReleaseAck(
+        exchange=changes.get("exchange", body.exchange),
+        custodian=changes.get("custodian", body.custodian),
+        client=changes.get("client", body.client),
+        asset=changes.get("asset", body.asset),
+        quantity=changes.get("quantity", body.quantity),
+        issued_at=body.issued_at,
+        expires_at=body.expires_at,
+    )
+    wire["notice"] = changed.to_wire()
+    return compute_canonical_bytes(wire).decode("utf-8")
 
 
 def signed_amounts() -> dict[str, Any]:
@@ -446,6 +568,7 @@ def build() -> dict[str, Any]:
         notice_vector("liquidation_due_after_deadline", liquidation_after_deadline()),
         notice_vector("liquidation_due_at_the_line", liquidation_line()),
         notice_vector("positions_snapshot", snapshot(2_000)[0]),
+        notice_vector("release_ack", release_ack()),
     ]
     records = {
         "margin_call": record(encode_notice(sign_notice(margin_call(), EXCHANGE))),
@@ -453,6 +576,7 @@ def build() -> dict[str, Any]:
             encode_notice(sign_notice(liquidation_after_deadline(), EXCHANGE))
         ),
         "positions_snapshot_part_1": record(encode_notice(signed_parts[1])),
+        "release_ack": record(encode_notice(sign_notice(release_ack(), EXCHANGE))),
         "exposure_report": {
             "input": exposure_report().to_wire(),
             **record(encode_exposure_report(exposure_report())),
@@ -483,6 +607,8 @@ def build() -> dict[str, Any]:
             "signed_parts": [p.to_wire() for p in signed_parts],
         },
         "cases": cases(),
+        "release_ids": {"release_ack": release_id_vector(release_ack())},
+        "release_ack_cases": release_ack_cases(),
         "records": records,
         "notice_types": [t.value for t in NoticeType],
     }

@@ -33,6 +33,7 @@ from attestations.notices import (
     LiquidationReason,
     MarginCall,
     PositionLine,
+    ReleaseAck,
     SignedNotice,
     StreamHeadRef,
     build_positions_snapshot,
@@ -159,10 +160,20 @@ SNAPSHOT_PARTS = build_positions_snapshot(
     ],
     max_lines_per_part=2,
 )
+RELEASE_ACK = ReleaseAck(
+    exchange="exchange-x",
+    custodian="custodian-a",
+    client="alice",
+    asset="BTC",
+    quantity=50_000_000,
+    issued_at=T0,
+    expires_at=T0 + timedelta(minutes=15),
+)
 SIGNED_NOTICES = {
     MessageType.MARGIN_CALL: sign_notice(MARGIN_CALL, EXCHANGE_KEY),
     MessageType.LIQUIDATION_DUE: sign_notice(LIQUIDATION_DUE, EXCHANGE_KEY),
     MessageType.POSITIONS_SNAPSHOT: sign_notice(SNAPSHOT_PARTS[1], EXCHANGE_KEY),
+    MessageType.RELEASE_ACK: sign_notice(RELEASE_ACK, EXCHANGE_KEY),
 }
 
 
@@ -620,6 +631,69 @@ def test_one_margin_call_to_each_custodian_shares_the_notice_id() -> None:
     assert decode(second).body == other
 
 
+def test_release_ack_round_trip() -> None:
+    signed = SIGNED_NOTICES[MessageType.RELEASE_ACK]
+    message = encode_notice(signed)
+    assert message == encode_notice(signed)
+    assert message.topic == "mcb.instructions"
+    assert message.key == b"custodian-a/exchange-x"
+    assert message.value == signed.encode()
+    assert [n for n, _ in message.headers] == list(header_names(MessageType.RELEASE_ACK))
+    headers = dict(message.headers)
+    assert headers["ce_type"] == b"mcb.release-ack.v1"
+    assert headers["ce_source"] == b"/exchanges/exchange-x"
+    assert headers["ce_time"] == b"2026-01-15T09:05:00.000Z"
+    assert headers["mcb_stream"] == b"custodian-a/exchange-x"
+    assert headers["mcb_release_id"] == RELEASE_ACK.release_id.encode()
+    assert headers["mcb_notice_digest"] == signed.digest.hex().encode()
+    decoded = decode(message)
+    assert decoded.body == signed
+    assert decoded.envelope.type is MessageType.RELEASE_ACK
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "error"),
+    [
+        ({"mcb_release_id": b"AB" * 32}, None, HeaderError),
+        ({"mcb_release_id": b"ab" * 32}, None, HeaderMismatch),
+        ({"mcb_notice_digest": b"ab" * 32}, None, HeaderMismatch),
+        ({"mcb_stream": b"custodian-a"}, None, HeaderError),
+        ({"ce_time": b"2026-01-15T09:05:00.001Z"}, None, HeaderMismatch),
+        ({"ce_source": b"/exchanges/exchange-y"}, None, HeaderMismatch),
+        ({}, b"custodian-b/exchange-x", HeaderMismatch),
+        ({"mcb_stream": b"custodian-b/exchange-x"}, b"custodian-b/exchange-x", HeaderMismatch),
+        ({"mcb_release_id": None}, None, HeaderError),
+        ({"mcb_notice_id": None}, None, HeaderError),  # a margin notice's header set
+    ],
+)
+def test_release_ack_headers_are_checked(
+    changes: dict[str, bytes | None], key: bytes | None, error: type
+) -> None:
+    message = encode_notice(SIGNED_NOTICES[MessageType.RELEASE_ACK])
+    extra: tuple[tuple[str, bytes], ...] = ()
+    if "mcb_notice_id" in changes:
+        changes = {}
+        extra = (("mcb_notice_id", b"ab" * 32),)
+    with pytest.raises(error):
+        decode(tampered(message, changes, key=key, extra=extra))
+
+
+def test_a_release_ack_cannot_pass_for_a_margin_notice_or_back() -> None:
+    """A release acknowledgement relabelled as a margin call has the wrong header set; a margin
+    call under the release type is refused by its headers or its body's type."""
+    ack = encode_notice(SIGNED_NOTICES[MessageType.RELEASE_ACK])
+    with pytest.raises(HeaderError):
+        decode(tampered(ack, {"ce_type": MessageType.MARGIN_CALL.value.encode()}))
+    call = encode_notice(SIGNED_NOTICES[MessageType.MARGIN_CALL])
+    relabelled = tampered(
+        call,
+        {"ce_type": MessageType.RELEASE_ACK.value.encode(), "mcb_notice_id": None},
+        extra=(("mcb_release_id", RELEASE_ACK.release_id.encode()),),
+    )
+    with pytest.raises(HeaderMismatch, match="margin_call notice"):
+        decode(relabelled)
+
+
 def test_positions_snapshot_round_trip() -> None:
     for part in SNAPSHOT_PARTS:
         signed = sign_notice(part, EXCHANGE_KEY)
@@ -1039,6 +1113,7 @@ def test_asyncapi_notice_and_exposure_schemas_match() -> None:
         ("signedMarginCall", MessageType.MARGIN_CALL),
         ("signedLiquidationDue", MessageType.LIQUIDATION_DUE),
         ("signedPositionsSnapshot", MessageType.POSITIONS_SNAPSHOT),
+        ("signedReleaseAck", MessageType.RELEASE_ACK),
     ):
         signed = SIGNED_NOTICES[message_type]
         wire = signed.to_wire()

@@ -34,7 +34,9 @@ from attestations.notices import (
     DOMAIN_LIQUIDATION_DUE,
     DOMAIN_MARGIN_CALL,
     DOMAIN_POSITIONS_SNAPSHOT,
+    DOMAIN_RELEASE_ACK,
     MAX_LINES_PER_PART,
+    MAX_RELEASE_VALIDITY,
     AssetTotal,
     LiquidationDue,
     LiquidationReason,
@@ -43,6 +45,7 @@ from attestations.notices import (
     NoticeType,
     PositionLine,
     PositionsSnapshot,
+    ReleaseAck,
     SignedNotice,
     StreamHeadRef,
     build_positions_snapshot,
@@ -54,6 +57,7 @@ from attestations.notices import (
     parse_signed_units,
     sign_notice,
     verify_notice,
+    verify_release_ack,
 )
 from attestations.p256 import SoftwareP256Signer
 from attestations.translog import EMPTY_ROOT
@@ -172,8 +176,22 @@ def snapshot() -> PositionsSnapshot:
     return only
 
 
-def every_notice() -> list[MarginCall | LiquidationDue | PositionsSnapshot]:
-    return [margin_call(), liquidation_due(), snapshot()]
+def release_ack(**changes: Any) -> ReleaseAck:
+    fields: dict[str, Any] = {
+        "exchange": "exchange-x",
+        "custodian": "custodian-a",
+        "client": "alice",
+        "asset": "BTC",
+        "quantity": 50_000_000,
+        "issued_at": T0,
+        "expires_at": T0 + timedelta(minutes=15),
+    }
+    fields.update(changes)
+    return ReleaseAck(**fields)
+
+
+def every_notice() -> list[MarginCall | LiquidationDue | PositionsSnapshot | ReleaseAck]:
+    return [margin_call(), liquidation_due(), snapshot(), release_ack()]
 
 
 def wire_of(signed: SignedNotice) -> dict[str, Any]:
@@ -331,11 +349,153 @@ def test_liquidation_line_crossed_directly() -> None:
     assert LiquidationDue.from_wire(wire) == notice
 
 
+# --- release acknowledgements -------------------------------------------------------------------
+
+
+def test_release_id_is_documented_hash() -> None:
+    preimage = (
+        b"mcb/release-id/v1\x00exchange-x\x00custodian-a\x00alice\x00BTC\x0050000000\x00"
+        b"2026-01-15T09:00:00.000Z"
+    )
+    assert release_ack().release_id == hashlib.sha256(preimage).hexdigest()
+    ids = {
+        release_ack(**changes).release_id
+        for changes in (
+            {},
+            {"custodian": "custodian-b"},
+            {"client": "bob"},
+            {"asset": "USDC"},
+            {"quantity": 50_000_001},
+            {"issued_at": T0 + timedelta(milliseconds=1)},
+        )
+    }
+    assert len(ids) == 6  # every member but the expiry names a different acknowledgement
+    assert release_ack(expires_at=T0 + timedelta(minutes=5)).release_id == release_ack().release_id
+
+
+def test_release_ack_wire_form() -> None:
+    ack = release_ack()
+    assert ack.canonical_bytes() == (
+        b'{"asset":"BTC","client":"alice","custodian":"custodian-a","exchange":"exchange-x",'
+        b'"expires_at":"2026-01-15T09:15:00.000Z","issued_at":"2026-01-15T09:00:00.000Z",'
+        b'"quantity":"50000000","release_id":"' + ack.release_id.encode() + b'","version":1}'
+    )
+    assert ReleaseAck.from_wire(ack.to_wire()) == ack
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"exchange": "Exchange"},
+        {"custodian": "exchange-x"},
+        {"client": "bad client"},
+        {"asset": "btc"},
+        {"quantity": 0},
+        {"quantity": -1},
+        {"quantity": 2**128},
+        {"quantity": 1.0},
+        {"quantity": True},
+        {"issued_at": T0.replace(tzinfo=None)},
+        {"issued_at": T0 + timedelta(microseconds=1)},
+        {"expires_at": T0},
+        {"expires_at": T0 - timedelta(seconds=1)},
+        {"expires_at": T0 + MAX_RELEASE_VALIDITY + timedelta(milliseconds=1)},
+        {"version": 2},
+    ],
+)
+def test_release_ack_constructor_rejects(changes: dict[str, Any]) -> None:
+    with pytest.raises(CounterpartyError):
+        release_ack(**changes)
+
+
+def test_release_ack_of_the_longest_validity() -> None:
+    ack = release_ack(expires_at=T0 + MAX_RELEASE_VALIDITY)
+    assert verify_release_ack(sign_notice(ack, EXCHANGE).encode(), registry=REGISTRY, now=T0) == ack
+
+
+@pytest.mark.parametrize(
+    ("member", "value", "expected"),
+    [
+        ("release_id", "00" * 32, "malformed"),
+        ("release_id", "AB" * 32, "malformed"),
+        ("quantity", "60000000", "malformed"),  # the id no longer matches
+        ("quantity", 50_000_000, "invalid_amount"),
+        ("quantity", "-1", "negative_sum"),
+        ("expires_at", "2026-01-15T09:16:00.000Z", "bad_signature"),
+        ("expires_at", "2026-01-15T11:00:00.000Z", "malformed"),  # beyond the maximum
+        ("version", 2, "malformed"),
+        ("extra", "x", "malformed"),
+    ],
+)
+def test_release_ack_member_tampered(member: str, value: Any, expected: str) -> None:
+    data = _tamper(release_ack(), member, value)
+    assert reason(lambda: verify_release_ack(data, registry=REGISTRY, now=NOW)) == expected
+
+
+def test_release_ack_quantity_as_a_float_is_rejected() -> None:
+    text = sign_notice(release_ack(), EXCHANGE).encode().decode()
+    data = text.replace('"quantity":"50000000"', '"quantity":5e7').encode()
+    assert reason(lambda: verify_release_ack(data, registry=REGISTRY, now=NOW)) == "float_rejected"
+
+
+def test_release_ack_with_a_recomputed_id_still_needs_the_signature() -> None:
+    signed = sign_notice(release_ack(), EXCHANGE)
+    for changes in ({"quantity": 60_000_000}, {"client": "bob"}, {"asset": "USDC"}):
+        forged = SignedNotice(notice=release_ack(**changes), signature=signed.signature)
+        data = forged.encode()
+        assert reason(lambda d=data: verify_release_ack(d, registry=REGISTRY, now=NOW)) == (
+            "bad_signature"
+        )
+
+
+def test_release_ack_expiry_and_keys() -> None:
+    ack = release_ack()
+    data = sign_notice(ack, EXCHANGE).encode()
+    last = ack.expires_at - timedelta(milliseconds=1)
+    assert verify_release_ack(data, registry=REGISTRY, now=last) == ack
+    assert reason(lambda: verify_release_ack(data, registry=REGISTRY, now=ack.expires_at)) == (
+        "expired"
+    )
+    # verify_notice alone does not judge expiry: a notice is the exchange's word whenever read.
+    assert verify_notice(data, registry=REGISTRY, now=ack.expires_at) == ack
+    early = T0 - timedelta(minutes=1)  # issued beyond the skew after the verifier's clock
+    assert reason(lambda: verify_release_ack(data, registry=REGISTRY, now=early)) == (
+        "future_dated"
+    )
+    for key, expected in (
+        (OTHER_EXCHANGE, "unknown_key"),
+        (CUSTODIAN, "unknown_key"),
+        (UNREGISTERED, "unknown_key"),
+        (REVOKED, "revoked_key"),
+        (LATER, "key_not_valid"),
+    ):
+        signed = sign_notice(ack, key).encode()
+        outcome = reason(lambda s=signed: verify_release_ack(s, registry=REGISTRY, now=NOW))
+        assert outcome == expected, key.key_id
+
+
+def test_other_notices_are_not_release_acks() -> None:
+    for notice in (margin_call(), liquidation_due(), snapshot()):
+        data = sign_notice(notice, EXCHANGE).encode()
+        with pytest.raises(DecodeError, match="not a release acknowledgement"):
+            verify_release_ack(data, registry=REGISTRY, now=notice.signed_at)
+
+
+def test_a_margin_call_signature_never_passes_for_a_release() -> None:
+    call = sign_notice(margin_call(), EXCHANGE)
+    forged = SignedNotice(notice=release_ack(), signature=call.signature)
+    assert reason(lambda: verify_release_ack(forged.encode(), registry=REGISTRY, now=NOW)) == (
+        "bad_signature"
+    )
+
+
 # --- round trips and the documented bytes -------------------------------------------------------
 
 
 @pytest.mark.parametrize("notice", every_notice(), ids=lambda n: n.notice_type.value)
-def test_sign_verify_round_trip(notice: MarginCall | LiquidationDue | PositionsSnapshot) -> None:
+def test_sign_verify_round_trip(
+    notice: MarginCall | LiquidationDue | PositionsSnapshot | ReleaseAck,
+) -> None:
     signed = sign_notice(notice, EXCHANGE)
     assert signed.signature.key_id == EXCHANGE.key_id
     data = signed.encode()
@@ -350,7 +510,7 @@ def test_sign_verify_round_trip(notice: MarginCall | LiquidationDue | PositionsS
 def test_digests_are_domain_separated() -> None:
     for notice, domain in zip(
         every_notice(),
-        (DOMAIN_MARGIN_CALL, DOMAIN_LIQUIDATION_DUE, DOMAIN_POSITIONS_SNAPSHOT),
+        (DOMAIN_MARGIN_CALL, DOMAIN_LIQUIDATION_DUE, DOMAIN_POSITIONS_SNAPSHOT, DOMAIN_RELEASE_ACK),
         strict=True,
     ):
         expected = hashlib.sha256(domain.encode() + b"\x00" + notice.canonical_bytes()).digest()
@@ -896,6 +1056,23 @@ def test_vector_cases(case: dict[str, Any]) -> None:
     assert outcome == case["expected"]
 
 
+@pytest.mark.parametrize("case", VECTOR["release_ack_cases"], ids=lambda c: c["description"])
+def test_vector_release_ack_cases(case: dict[str, Any]) -> None:
+    now = parse_timestamp(case["now"])
+    data = case["message_utf8"].encode()
+    outcome = reason(lambda: verify_release_ack(data, registry=VECTOR_REGISTRY, now=now))
+    assert outcome == case["expected"]
+
+
+def test_vector_release_id() -> None:
+    case = VECTOR["release_ids"]["release_ack"]
+    preimage = bytes.fromhex(case["preimage_hex"])
+    assert preimage.startswith(b"mcb/release-id/v1\x00")
+    assert hashlib.sha256(preimage).hexdigest() == case["release_id"]
+    notice = next(n for n in VECTOR["notices"] if n["name"] == "release_ack")
+    assert notice["notice"]["release_id"] == case["release_id"]
+
+
 def _as_message(rec: dict[str, Any]) -> OutboundMessage:
     return OutboundMessage(
         topic=rec["topic"],
@@ -907,7 +1084,7 @@ def _as_message(rec: dict[str, Any]) -> OutboundMessage:
 
 def test_vector_records() -> None:
     records = VECTOR["records"]
-    for name in ("margin_call", "liquidation_due", "positions_snapshot_part_1"):
+    for name in ("margin_call", "liquidation_due", "positions_snapshot_part_1", "release_ack"):
         message = _as_message(records[name])
         decoded = decode_message(message.topic, message.key, message.value, message.headers)
         assert isinstance(decoded.body, SignedNotice)
