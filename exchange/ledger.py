@@ -20,6 +20,13 @@ Pre-trade checks read memory only, in O(streams of the client x assets): per-cli
 it can affect are re-evaluated: those with exposure or an open margin state that hold positions
 on the stream (its prices and freshness changed for all of them) and those whose holdings changed.
 
+Releases (docs/exchange.md, "Releases"): :meth:`MarginLedger.check_release` decides whether a
+client may take units of one asset back from its pledge on one stream; :meth:`plan_release`
+records the release the exchange acknowledged as a :class:`PendingRelease`, which *caps* the
+holding's counted quantity until a statement issued at or after the acknowledgement's expiry
+(any unpledge under it happened before, so that statement shows it), so the released units are
+never counted twice between the acknowledgement and the statement that shows the unpledge.
+
 What this module does not do: verify statements (attestations.verify and the consumer do, before
 anything reaches :meth:`MarginLedger.plan_statement`), persist, publish, sign notices or read the
 clock (every method takes ``now``).
@@ -28,8 +35,8 @@ clock (every method takes ``now``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Final, TypeVar
 
@@ -67,6 +74,19 @@ JOURNAL_KINDS: Final = frozenset(
         "resolve",  # an operator resolved the fork: detail operator/reason
         "price_missing",  # a statement attests an asset without pricing it: counted at zero
         "await_snapshot",  # a gap: a snapshot was requested from detail from_sequence
+        "release",  # a release acknowledged: quantity released, detail release_id/cap/expiry
+    }
+)
+
+RELEASE_REASONS: Final = frozenset(
+    {
+        "unknown_client",
+        "not_credited",
+        "exceeds_credited",
+        "stream_frozen",
+        "stream_stale",
+        "not_healthy",
+        "insufficient_credit",
     }
 )
 
@@ -310,6 +330,8 @@ class LedgerChange:
     margins: Mapping[str, ClientMargin] = field(default_factory=dict)
     journal: tuple[JournalEntry, ...] = ()
     notices: tuple[Notice, ...] = ()
+    releases: Mapping[str, tuple[PendingRelease, ...]] = field(default_factory=dict)
+    """Per client, its complete set of pending releases after the change."""
 
     @property
     def is_empty(self) -> bool:
@@ -324,6 +346,7 @@ class LedgerChange:
             or self.margins
             or self.journal
             or self.notices
+            or self.releases
         )
 
 
@@ -340,7 +363,8 @@ class PretradeDecision:
 @dataclass(frozen=True, slots=True)
 class PositionView:
     """One position as valued at a moment: ``value`` is what it counts for in collateral (0
-    once the stream's last statement is counted as zero)."""
+    once the stream's last statement is counted as zero). ``quantity`` is what the statement
+    credits; ``reserved`` the part of it pending releases keep out of the value."""
 
     stream: str
     custodian: str
@@ -351,6 +375,125 @@ class PositionView:
     value: int
     freshness: Freshness
     frozen: bool
+    reserved: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRelease:
+    """A release the exchange acknowledged (``release_id``) and whose unpledge no statement has
+    shown for certain yet: while it is *active*, the ledger counts at most ``cap`` units of the
+    client's ``asset`` on ``stream``. ``cap`` is the quantity counted when the release was given
+    minus ``quantity``, so the released units count neither before nor after the statement that
+    shows the unpledge. Active while the stream's head was issued before ``expires_at``."""
+
+    release_id: str
+    client: str
+    stream: str
+    asset: str
+    quantity: int
+    cap: int
+    issued_at: datetime
+    expires_at: datetime
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.release_id, str) or len(self.release_id) != 2 * _DIGEST_BYTES:
+            raise DecodeError("a release id is 64 hex characters")
+        validate_account(self.client)
+        parse_stream_key(self.stream)
+        validate_asset_code(self.asset)
+        if check_units(self.quantity, what="released quantity") == 0:
+            raise DecodeError("a release releases at least one unit")
+        check_units(self.cap, what="release cap")
+        _aware(self.issued_at, what="issued_at")
+        _aware(self.expires_at, what="expires_at")
+        if self.expires_at <= self.issued_at:
+            raise DecodeError("a release must expire after it is given")
+
+    def is_active(self, head: StreamHead | None) -> bool:
+        """True until the stream's head is a statement issued at or after the expiry."""
+        return head is None or head.issued_at < self.expires_at
+
+    def journal_entry(self, *, at: datetime, credited: int) -> JournalEntry:
+        """The ``release`` journal entry that records it (and from which a restart rebuilds it,
+        :func:`compute_pending_releases`)."""
+        return JournalEntry(
+            at=at,
+            kind="release",
+            client=self.client,
+            stream=self.stream,
+            asset=self.asset,
+            quantity=self.quantity,
+            value=self.cap,
+            detail={
+                "release_id": self.release_id,
+                "cap": self.cap,
+                "credited": credited,
+                "issued_at": _stamp(self.issued_at),
+                "expires_at": _stamp(self.expires_at),
+            },
+        )
+
+
+def compute_pending_releases(entries: Iterable[JournalEntry]) -> tuple[PendingRelease, ...]:
+    """The pending releases the ``release`` journal entries record (other kinds are skipped), to
+    restore a ledger after a restart: pass them to :meth:`MarginLedger.restore`, which drops the
+    ones no longer active. Raises DecodeError for an entry that does not describe a release."""
+    releases = []
+    for entry in entries:
+        if entry.kind != "release":
+            continue
+        detail = entry.detail
+        if entry.client is None or entry.stream is None or entry.asset is None:
+            raise DecodeError("a release entry names its client, stream and asset")
+        releases.append(
+            PendingRelease(
+                release_id=str(detail.get("release_id")),
+                client=entry.client,
+                stream=entry.stream,
+                asset=entry.asset,
+                quantity=_int(entry.quantity, what="released quantity", low=1, high=UNITS_LIMIT),
+                cap=_int(detail.get("cap"), what="release cap", low=0, high=UNITS_LIMIT),
+                issued_at=_parse_stamp(detail.get("issued_at")),
+                expires_at=_parse_stamp(detail.get("expires_at")),
+            )
+        )
+    return tuple(releases)
+
+
+def _active_releases(
+    releases: Iterable[PendingRelease], statuses: Mapping[str, StreamStatus]
+) -> dict[str, tuple[PendingRelease, ...]]:
+    """Per client, the releases still active under the stream heads ``statuses``."""
+    active: dict[str, tuple[PendingRelease, ...]] = {}
+    for release in releases:
+        status = statuses.get(release.stream)
+        if release.is_active(status.head if status is not None else None):
+            active[release.client] = (*active.get(release.client, ()), release)
+    return active
+
+
+def _parse_stamp(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise DecodeError(f"a journal time is a string, got {type(value).__name__}")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise DecodeError(f"{value[:40]!r} is not a journal time") from exc
+    return _aware(moment, what="journal time")
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseDecision:
+    """May the client release ``quantity``? ``releasable`` is what the client holds on the
+    stream and the ledger still counts (the most any release could take, before the margin
+    checks); after an allowed release, ``collateral`` and ``credit_limit`` are the client's with
+    the release reserved."""
+
+    allowed: bool
+    reason: str | None
+    releasable: int
+    collateral: int
+    credit_limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +521,7 @@ class LedgerState:
     prices: Mapping[str, Mapping[str, Price]]
     exposures: Mapping[str, ExposureReport]
     margins: Mapping[str, ClientMargin]
+    releases: Mapping[str, tuple[PendingRelease, ...]] = field(default_factory=dict)
 
 
 # --- planning overlay ---------------------------------------------------------------------------
@@ -393,9 +537,12 @@ class _Pending:
     holdings: dict[str, dict[tuple[str, str], int]] = field(default_factory=dict)
     exposures: dict[str, ExposureReport] = field(default_factory=dict)
     margins: dict[str, ClientMargin] = field(default_factory=dict)
+    releases: dict[str, tuple[PendingRelease, ...]] = field(default_factory=dict)
 
 
 _NOTHING_PENDING: Final = _Pending()
+_PROBE_VALIDITY: Final = timedelta(days=1)
+"""A release being checked is treated as active for the assessment, whatever its real expiry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +578,7 @@ class MarginLedger:
         self._prices: dict[str, dict[str, Price]] = {}
         self._exposures: dict[str, ExposureReport] = {}
         self._margins: dict[str, ClientMargin] = {}
+        self._releases: dict[str, tuple[PendingRelease, ...]] = {}  # client -> pending releases
         # Indexes, maintained by apply() only.
         self._holdings: dict[str, dict[str, set[str]]] = {}  # client -> stream -> assets
         self._stream_clients: dict[str, dict[str, int]] = {}  # stream -> client -> assets held
@@ -450,6 +598,7 @@ class MarginLedger:
         prices: Mapping[str, Mapping[str, Price]],
         exposures: Iterable[ExposureReport],
         margins: Iterable[ClientMargin],
+        releases: Iterable[PendingRelease] = (),
     ) -> MarginLedger:
         """The ledger as persisted (a restart rebuilds it from the tables). Raises
         InvariantViolation when the persisted state is inconsistent (positions of a stream
@@ -485,6 +634,7 @@ class MarginLedger:
         ledger.apply(
             LedgerChange(
                 generation=0,
+                releases=_active_releases(releases, statuses),
                 streams=statuses,
                 positions={s: dict(h) for s, h in positions.items()},
                 replace_positions=frozenset(positions),
@@ -504,6 +654,7 @@ class MarginLedger:
             prices={s: dict(p) for s, p in self._prices.items()},
             exposures=dict(self._exposures),
             margins=dict(self._margins),
+            releases=dict(self._releases),
         )
 
     def check_indexes(self) -> None:
@@ -744,6 +895,148 @@ class MarginLedger:
             generation=self.generation, streams={stream: awaiting}, journal=(entry,)
         )
 
+    def check_release(
+        self, client: str, *, stream: str, asset: str, quantity: int, now: datetime
+    ) -> ReleaseDecision:
+        """May ``client`` take ``quantity`` units of ``asset`` credited on ``stream`` back from its
+        pledge now? Allowed iff the client holds at least that much there that the ledger still
+        counts (``exceeds_credited``; ``not_credited`` without any), the stream is fresh
+        (``stream_stale``) and not frozen (``stream_frozen``), and with those units no longer
+        counted the client is healthy - its state, and its ratio at or above the margin-call
+        level (``not_healthy``) - and its exposure within the new credit limit
+        (``insufficient_credit``). Changes nothing; O(streams of the client x assets)."""
+        _aware(now, what="now")
+        parse_stream_key(stream)
+        validate_asset_code(asset)
+        if check_units(quantity, what="released quantity") == 0:
+            raise DecodeError("a release releases at least one unit")
+        if not self._is_known(client):
+            return ReleaseDecision(False, "unknown_client", 0, 0, 0)
+        status = self._streams.get(stream)
+        credited = self._positions.get(stream, {}).get((client, asset), 0)
+        head = status.head if status is not None else None
+        counted = (
+            0
+            if head is None
+            else self._counted(client, stream, asset, credited, head=head, pending=_NOTHING_PENDING)
+        )
+        reason = self._release_refusal(client, status, counted, quantity, now=now)
+        if reason is not None:
+            before = self._assess(client, now=now, pending=_NOTHING_PENDING)
+            return ReleaseDecision(False, reason, counted, before.collateral, before.credit_limit)
+        # The release being checked, as a pending release in a planning overlay (its id and
+        # expiry do not matter here): the assessment is the one the ledger makes once it is
+        # recorded.
+        probe = PendingRelease(
+            release_id="0" * (2 * _DIGEST_BYTES),
+            client=client,
+            stream=stream,
+            asset=asset,
+            quantity=quantity,
+            cap=counted - quantity,
+            issued_at=now,
+            expires_at=now + _PROBE_VALIDITY,
+        )
+        overlay = _Pending(
+            releases={client: (*self._pending_releases(client, _NOTHING_PENDING), probe)}
+        )
+        after = self._assess(client, now=now, pending=overlay)
+        if after.ratio_bps is not None and after.ratio_bps < self.policy.margin_call_bps:
+            reason = "not_healthy"
+        elif after.exposure > after.credit_limit:
+            reason = "insufficient_credit"
+        return ReleaseDecision(
+            allowed=reason is None,
+            reason=reason,
+            releasable=counted,
+            collateral=after.collateral,
+            credit_limit=after.credit_limit,
+        )
+
+    def _release_refusal(
+        self,
+        client: str,
+        status: StreamStatus | None,
+        counted: int,
+        quantity: int,
+        *,
+        now: datetime,
+    ) -> str | None:
+        """The reason to refuse a release before its effect on the margin is considered."""
+        if status is None or status.head is None or counted == 0:
+            return "not_credited"
+        if status.frozen:
+            return "stream_frozen"
+        freshness = compute_freshness(
+            now=now,
+            issued_at=status.head.issued_at,
+            expires_at=status.head.expires_at,
+            policy=self.policy,
+        )
+        if freshness is not Freshness.FRESH:
+            return "stream_stale"
+        if quantity > counted:
+            return "exceeds_credited"
+        margin = self._margins.get(client)
+        if margin is not None and margin.state is not MarginState.HEALTHY:
+            return "not_healthy"
+        return None
+
+    def plan_release(
+        self,
+        client: str,
+        *,
+        stream: str,
+        asset: str,
+        quantity: int,
+        release_id: str,
+        issued_at: datetime,
+        expires_at: datetime,
+        now: datetime,
+    ) -> tuple[ReleaseDecision, LedgerChange]:
+        """Decide as :meth:`check_release` and, when allowed, plan recording the release the
+        exchange acknowledges as ``release_id`` (valid from ``issued_at`` until ``expires_at``):
+        the client's pending releases gain it (and drop those no longer active) and the journal a
+        ``release`` entry. A refusal plans an empty change, and so does the same ``release_id``
+        again (a repeated request within one millisecond), which is allowed."""
+        decision = self.check_release(
+            client, stream=stream, asset=asset, quantity=quantity, now=now
+        )
+        existing = self._releases.get(client, ())
+        if any(r.release_id == release_id for r in existing):
+            return replace(decision, allowed=True, reason=None), LedgerChange(
+                generation=self.generation
+            )
+        if not decision.allowed:
+            return decision, LedgerChange(generation=self.generation)
+        record = PendingRelease(
+            release_id=release_id,
+            client=client,
+            stream=stream,
+            asset=asset,
+            quantity=quantity,
+            cap=decision.releasable - quantity,
+            issued_at=issued_at,
+            expires_at=expires_at,
+        )
+        kept = tuple(r for r in existing if r.is_active(self._head_of(r.stream)))
+        credited = self._positions[stream][client, asset]
+        return decision, LedgerChange(
+            generation=self.generation,
+            releases={client: (*kept, record)},
+            journal=(record.journal_entry(at=now, credited=credited),),
+        )
+
+    def pending_releases(self, client: str) -> tuple[PendingRelease, ...]:
+        """The client's releases still active (their cap applies)."""
+        return tuple(
+            r for r in self._releases.get(client, ()) if r.is_active(self._head_of(r.stream))
+        )
+
+    def _head_of(self, stream: str) -> StreamHead | None:
+        status = self._streams.get(stream)
+        return status.head if status is not None else None
+
     # --- applying -------------------------------------------------------------------------------
 
     def apply(self, change: LedgerChange) -> None:
@@ -765,6 +1058,11 @@ class MarginLedger:
             self._prices[stream] = dict(table)
         self._exposures.update(change.exposures)
         self._margins.update(change.margins)
+        for client, releases in change.releases.items():
+            if releases:
+                self._releases[client] = releases
+            else:
+                self._releases.pop(client, None)
         for client in set(change.exposures) | set(change.margins):
             if self._is_exposed(client):
                 self._exposed.add(client)
@@ -1026,6 +1324,28 @@ class MarginLedger:
                 held.pop(key, None)
         return held
 
+    def _pending_releases(self, client: str, pending: _Pending) -> tuple[PendingRelease, ...]:
+        releases = pending.releases.get(client)
+        return releases if releases is not None else self._releases.get(client, ())
+
+    def _counted(
+        self,
+        client: str,
+        stream: str,
+        asset: str,
+        quantity: int,
+        *,
+        head: StreamHead,
+        pending: _Pending,
+    ) -> int:
+        """The part of a credited ``quantity`` the ledger counts: at most the cap of every
+        active pending release on that holding."""
+        counted = quantity
+        for release in self._pending_releases(client, pending):
+            if (release.stream, release.asset) == (stream, asset) and release.is_active(head):
+                counted = min(counted, release.cap)
+        return counted
+
     def _assess(self, client: str, *, now: datetime, pending: _Pending) -> _Assessment:
         collateral = 0
         views: list[PositionView] = []
@@ -1041,7 +1361,8 @@ class MarginLedger:
             )
             table = pending.prices.get(stream)
             price = (table if table is not None else self._prices.get(stream, {})).get(asset)
-            value = 0 if freshness is Freshness.ZERO else self._value(asset, quantity, price)
+            counted = self._counted(client, stream, asset, quantity, head=head, pending=pending)
+            value = 0 if freshness is Freshness.ZERO else self._value(asset, counted, price)
             collateral += value
             custodians.add(head.custodian)
             any_frozen = any_frozen or status.frozen
@@ -1057,6 +1378,7 @@ class MarginLedger:
                     value=value,
                     freshness=freshness,
                     frozen=status.frozen,
+                    reserved=quantity - counted,
                 )
             )
         report = pending.exposures.get(client) or self._exposures.get(client)

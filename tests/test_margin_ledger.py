@@ -29,10 +29,12 @@ from exchange.ledger import (
     CreditedStatement,
     ExposureReport,
     Holding,
+    JournalEntry,
     LedgerChange,
     MarginLedger,
     StreamHead,
     StreamStatus,
+    compute_pending_releases,
 )
 from exchange.policy import (
     CollateralPolicy,
@@ -897,3 +899,292 @@ def test_property_pretrade_allowed_implies_credit_and_health(
             assert decision.headroom == max(0, status.credit_limit - status.exposure)
         else:
             assert decision.reason is not None
+
+
+# --- releases -------------------------------------------------------------------------------------
+
+RELEASE_ID = hashlib.sha256(b"release-1").hexdigest()
+EXPIRES = T0 + timedelta(minutes=15)
+
+
+def _released(
+    ledger: MarginLedger,
+    quantity: int,
+    *,
+    release_id: str = RELEASE_ID,
+    now: datetime = T0,
+    expires_at: datetime = EXPIRES,
+) -> LedgerChange:
+    decision, change = ledger.plan_release(
+        "alice",
+        stream=A,
+        asset="BTC",
+        quantity=quantity,
+        release_id=release_id,
+        issued_at=now,
+        expires_at=expires_at,
+        now=now,
+    )
+    assert decision.allowed, decision
+    return commit(ledger, change)
+
+
+def _collateral(ledger: MarginLedger, now: datetime = T0) -> int:
+    status = ledger.client_status("alice", now=now)
+    assert status is not None
+    return status.collateral
+
+
+@pytest.fixture
+def pledged(ledger: MarginLedger) -> MarginLedger:
+    """alice: 1 BTC on stream A (4,800,000 of collateral, credit limit 9,600,000), exposure
+    4,000,000 needing 2,000,000 of margin."""
+    commit(ledger, ledger.plan_statement(statement(A, 1, {("alice", "BTC"): BTC}), now=T0))
+    commit(
+        ledger,
+        ledger.plan_exposure(
+            exposure("alice", "r1", exposure=4_000_000, requirement=2_000_000), now=T0
+        ),
+    )
+    return ledger
+
+
+def test_a_release_within_the_margin_is_reserved_until_shown(pledged: MarginLedger) -> None:
+    decision = pledged.check_release("alice", stream=A, asset="BTC", quantity=BTC // 2, now=T0)
+    assert (decision.allowed, decision.reason, decision.releasable) == (True, None, BTC)
+    assert (decision.collateral, decision.credit_limit) == (2_400_000, 4_800_000)
+    assert pledged.state().releases == {}  # a check changes nothing
+    change = _released(pledged, BTC // 2)
+    (entry,) = change.journal
+    assert (entry.kind, entry.client, entry.stream, entry.asset, entry.quantity) == (
+        "release",
+        "alice",
+        A,
+        "BTC",
+        BTC // 2,
+    )
+    assert entry.detail["release_id"] == RELEASE_ID
+    assert entry.detail["cap"] == BTC // 2
+    assert entry.detail["credited"] == BTC
+    assert _collateral(pledged) == 2_400_000
+    status = pledged.client_status("alice", now=T0)
+    assert status is not None
+    (view,) = status.positions
+    assert (view.quantity, view.reserved, view.value) == (BTC, BTC // 2, 2_400_000)
+    # The statement that shows the unpledge: the units are not taken off a second time.
+    shown = statement(
+        A, 2, {("alice", "BTC"): BTC // 2}, snapshot=False, at=T0 + timedelta(minutes=1)
+    )
+    commit(pledged, pledged.plan_statement(shown, now=T0 + timedelta(minutes=1)))
+    assert _collateral(pledged, T0 + timedelta(minutes=1)) == 2_400_000
+    # A pledge added before the acknowledgement expired counts once a statement issued after
+    # the expiry shows it (the reservation then ends: any unpledge under it is in that statement).
+    more = statement(A, 3, {("alice", "BTC"): BTC}, snapshot=False, at=T0 + timedelta(minutes=2))
+    commit(pledged, pledged.plan_statement(more, now=T0 + timedelta(minutes=2)))
+    assert _collateral(pledged, T0 + timedelta(minutes=2)) == 2_400_000  # capped, conservative
+    later = statement(A, 4, {("alice", "BTC"): BTC}, snapshot=False, at=EXPIRES)
+    commit(pledged, pledged.plan_statement(later, now=EXPIRES))
+    assert _collateral(pledged, EXPIRES) == 4_800_000
+    assert pledged.pending_releases("alice") == ()
+
+
+def test_an_unused_release_still_counts_until_a_statement_after_its_expiry(
+    pledged: MarginLedger,
+) -> None:
+    """The custodian may unpledge until the expiry; a statement issued before it may not show
+    the unpledge, so only a statement issued at or after it ends the reservation."""
+    _released(pledged, BTC // 4)
+    before = statement(
+        A, 2, {("alice", "BTC"): BTC}, snapshot=False, at=EXPIRES - timedelta(milliseconds=1)
+    )
+    commit(pledged, pledged.plan_statement(before, now=EXPIRES))
+    assert _collateral(pledged, EXPIRES) == 3_600_000
+    after = statement(A, 3, {("alice", "BTC"): BTC}, snapshot=False, at=EXPIRES)
+    commit(pledged, pledged.plan_statement(after, now=EXPIRES))
+    assert _collateral(pledged, EXPIRES) == 4_800_000
+
+
+def test_releases_add_up_and_never_exceed_what_is_counted(pledged: MarginLedger) -> None:
+    _released(pledged, BTC // 4)
+    second = hashlib.sha256(b"release-2").hexdigest()
+    decision = pledged.check_release("alice", stream=A, asset="BTC", quantity=BTC, now=T0)
+    assert (decision.allowed, decision.reason, decision.releasable) == (
+        False,
+        "exceeds_credited",
+        3 * BTC // 4,
+    )
+    _released(pledged, BTC // 4, release_id=second)
+    assert _collateral(pledged) == 2_400_000
+    assert [r.cap for r in pledged.pending_releases("alice")] == [3 * BTC // 4, BTC // 2]
+    # The first unpledge shown alone: the second release still caps the holding.
+    shown = statement(
+        A, 2, {("alice", "BTC"): 3 * BTC // 4}, snapshot=False, at=T0 + timedelta(minutes=1)
+    )
+    commit(pledged, pledged.plan_statement(shown, now=T0 + timedelta(minutes=1)))
+    assert _collateral(pledged, T0 + timedelta(minutes=1)) == 2_400_000
+
+
+def test_the_same_release_id_again_changes_nothing(pledged: MarginLedger) -> None:
+    _released(pledged, BTC // 4)
+    decision, change = pledged.plan_release(
+        "alice",
+        stream=A,
+        asset="BTC",
+        quantity=BTC // 4,
+        release_id=RELEASE_ID,
+        issued_at=T0,
+        expires_at=EXPIRES,
+        now=T0,
+    )
+    assert decision.allowed
+    assert change.is_empty
+
+
+@pytest.mark.parametrize(
+    ("quantity", "exposure_value", "requirement", "reason"),
+    [
+        (BTC // 2, 4_800_000, 2_000_000, None),  # exactly at the new limit
+        (BTC // 2 + 1, 4_800_000, 2_000_000, "insufficient_credit"),  # limit 4,799,998
+        (3 * BTC // 4, 0, 2_000_000, "not_healthy"),  # ratio 6,000 bp
+        (3 * BTC // 4, 2_500_000, 0, "insufficient_credit"),
+        (BTC + 1, 0, 0, "exceeds_credited"),
+        (BTC, 0, 0, None),  # nothing at stake: everything may go
+    ],
+)
+def test_release_refused_by_the_margin(
+    ledger: MarginLedger, quantity: int, exposure_value: int, requirement: int, reason: str | None
+) -> None:
+    commit(ledger, ledger.plan_statement(statement(A, 1, {("alice", "BTC"): BTC}), now=T0))
+    report = exposure("alice", "r1", exposure=exposure_value, requirement=requirement)
+    commit(ledger, ledger.plan_exposure(report, now=T0))
+    decision, change = ledger.plan_release(
+        "alice",
+        stream=A,
+        asset="BTC",
+        quantity=quantity,
+        release_id=RELEASE_ID,
+        issued_at=T0,
+        expires_at=EXPIRES,
+        now=T0,
+    )
+    assert (decision.allowed, decision.reason) == (reason is None, reason)
+    assert change.is_empty == (reason is not None)
+
+
+def test_release_refused_by_the_stream_or_the_client(pledged: MarginLedger) -> None:
+    def reason(
+        client: str = "alice", stream: str = A, asset: str = "BTC", now: datetime = T0
+    ) -> str | None:
+        return pledged.check_release(client, stream=stream, asset=asset, quantity=1, now=now).reason
+
+    assert reason(client="nobody") == "unknown_client"
+    assert reason(asset="USDC") == "not_credited"
+    assert reason(stream=B) == "not_credited"
+    stale = T0 + POLICY.stale_after + timedelta(milliseconds=1)
+    assert reason(now=stale) == "stream_stale"
+    commit(pledged, pledged.plan_freeze(A, reason="fork", now=T0))
+    assert reason() == "stream_frozen"
+    commit(pledged, pledged.plan_resolve(A, operator="op", reason="checked", now=T0))
+    assert reason() is None
+    bad = exposure("alice", "r2", exposure=9_000_000, requirement=5_000_000)
+    commit(pledged, pledged.plan_exposure(bad, now=T0))  # margin call
+    assert reason() == "not_healthy"
+
+
+def test_release_input_is_checked(pledged: MarginLedger) -> None:
+    with pytest.raises(DecodeError):
+        pledged.check_release("alice", stream=A, asset="BTC", quantity=0, now=T0)
+    with pytest.raises(NegativeSum):
+        pledged.check_release("alice", stream=A, asset="BTC", quantity=-1, now=T0)
+    with pytest.raises(AmountError):
+        pledged.check_release("alice", stream=A, asset="BTC", quantity=1.0, now=T0)  # type: ignore[arg-type]
+    with pytest.raises(DecodeError):
+        pledged.check_release("alice", stream="no-slash", asset="BTC", quantity=1, now=T0)
+    with pytest.raises(DecodeError):
+        pledged.check_release(
+            "alice", stream=A, asset="BTC", quantity=1, now=T0.replace(tzinfo=None)
+        )
+
+
+def test_pending_releases_survive_a_restore_from_the_journal(pledged: MarginLedger) -> None:
+    change = _released(pledged, BTC // 4)
+    state = pledged.state()
+    restored = MarginLedger.restore(
+        POLICY,
+        decimals=DECIMALS,
+        streams=state.streams.values(),
+        positions=state.positions,
+        prices=state.prices,
+        exposures=state.exposures.values(),
+        margins=state.margins.values(),
+        releases=compute_pending_releases(change.journal),
+    )
+    assert restored.state() == state
+    assert _collateral(restored) == _collateral(pledged) == 3_600_000
+    # A release whose expiry a later statement passed is not restored.
+    later = statement(A, 2, {("alice", "BTC"): BTC}, snapshot=False, at=EXPIRES)
+    commit(pledged, pledged.plan_statement(later, now=EXPIRES))
+    state = pledged.state()
+    again = MarginLedger.restore(
+        POLICY,
+        decimals=DECIMALS,
+        streams=state.streams.values(),
+        positions=state.positions,
+        prices=state.prices,
+        exposures=state.exposures.values(),
+        margins=state.margins.values(),
+        releases=compute_pending_releases(change.journal),
+    )
+    assert again.state().releases == {}
+
+
+def test_release_journal_entries_that_do_not_describe_a_release() -> None:
+    entry = JournalEntry(
+        at=T0,
+        kind="release",
+        client="alice",
+        stream=A,
+        asset="BTC",
+        quantity=1,
+        detail={"release_id": RELEASE_ID},
+    )
+    with pytest.raises(DecodeError):
+        compute_pending_releases([entry])
+    assert compute_pending_releases([JournalEntry(at=T0, kind="freeze", stream=A)]) == ()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    quantities=st.lists(st.integers(1, BTC), min_size=1, max_size=6),
+    exposure_value=st.integers(0, 10_000_000),
+)
+def test_property_allowed_releases_keep_the_client_within_its_limit(
+    quantities: list[int], exposure_value: int
+) -> None:
+    ledger = MarginLedger(POLICY, decimals=DECIMALS)
+    commit(ledger, ledger.plan_statement(statement(A, 1, {("alice", "BTC"): BTC}), now=T0))
+    report = exposure("alice", "r1", exposure=exposure_value, requirement=exposure_value // 2)
+    commit(ledger, ledger.plan_exposure(report, now=T0))
+    released = 0
+    for index, quantity in enumerate(quantities):
+        release_id = hashlib.sha256(f"r{index}".encode()).hexdigest()
+        decision, change = ledger.plan_release(
+            "alice",
+            stream=A,
+            asset="BTC",
+            quantity=quantity,
+            release_id=release_id,
+            issued_at=T0,
+            expires_at=EXPIRES,
+            now=T0,
+        )
+        commit(ledger, change)
+        if decision.allowed:
+            released += quantity
+        status = ledger.client_status("alice", now=T0)
+        assert status is not None
+        assert status.exposure <= status.credit_limit or not decision.allowed
+        (view,) = status.positions
+        assert view.reserved == released <= BTC
