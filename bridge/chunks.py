@@ -16,7 +16,10 @@ it has every chunk. The chunks refer to it by ``mcb_statement_digest``.
 seconds). It collects chunks per (stream, sequence, payload digest, chunk count) in any order,
 ignores exact duplicates (delivery is at least once), rejects a chunk that conflicts with one it
 holds, and returns the payload only when every chunk is present and SHA-256 of their
-concatenation is the payload digest. An incomplete set is never returned. Memory is bounded by
+concatenation is the payload digest. An incomplete set is never returned. It remembers the last
+sets it returned and ignores their chunks when they come again, until the receiver forgets a set
+whose entry it did not apply (:meth:`Reassembler.forget_completed`), so that a redelivery of
+that entry is reassembled again. Memory is bounded by
 :class:`ReassemblyLimits`; sets that go quiet are expired and, when a new set would exceed the
 limits, the oldest partial sets are evicted. Both are reported with a reason.
 
@@ -332,8 +335,9 @@ class Reassembler:
     def add(self, chunk: DisclosureChunk, *, now_s: float) -> CompletedPayload | None:
         """Take one chunk. Returns the payload when this chunk completes a set whose digest
         matches; None while the set is incomplete and for a duplicate (also of a set already
-        returned). Raises ReassemblyLimit, ChunkError, ConflictingChunk or, when the completed
-        set does not hash to its digest, PayloadDigestMismatch (the set is then dropped)."""
+        returned and not forgotten since, :meth:`forget_completed`). Raises ReassemblyLimit,
+        ChunkError, ConflictingChunk or, when the completed set does not hash to its digest,
+        PayloadDigestMismatch (the set is then dropped)."""
         if not isinstance(chunk, DisclosureChunk):
             raise InvariantViolation("Reassembler.add takes a DisclosureChunk")
         limits = self.limits
@@ -428,6 +432,14 @@ class Reassembler:
             payload_digest=key[2],
             payload=payload,
         )
+
+    def forget_completed(self, key: SetKey) -> None:
+        """Forget that the set ``key`` was returned, so that a redelivery of its chunks is
+        reassembled and returned again. The receiver calls it when the payload it returned was
+        not applied (its entry was refused, or its statement was gone): only a set completed
+        *and applied* may swallow later copies of its chunks, else the redelivered entry would
+        wait for ever for chunks it already saw. Forgetting a set not remembered does nothing."""
+        self._completed.pop(key, None)
 
     def expire(self, now_s: float) -> list[Eviction]:
         """Drop every partial set with no new chunk for ``idle_timeout_s`` or more."""

@@ -14,7 +14,9 @@ apply). The base:
   same transaction as the offset advance; if the dead-letter publication fails, nothing advances);
 * collects a statement's disclosure chunks (bridge/chunks.py) and calls ``apply`` once, with the
   statement and its *complete* disclosure together; an incomplete set is never applied, and the
-  statement waits (bounded by ``max_pending_statements``) until it is complete;
+  statement waits (bounded by ``max_pending_statements``) until it is complete. Only a set whose
+  entry was applied keeps swallowing copies of its chunks: when ``apply`` refuses the entry, or
+  its statement is gone, the set is forgotten, so the entry delivered again is reassembled;
 * stores its progress in the *same* transaction as the effect: per stream the last applied
   sequence (``consumer_stream_progress``), per (topic, partition) the last offset handled and a
   fingerprint of the record there (``consumer_progress``). The stream sequence is the truth: a
@@ -84,7 +86,7 @@ from attestations.errors import (
     TransientError,
 )
 from attestations.statement import SignedStatement
-from bridge.chunks import Reassembler, ReassemblyLimits, decode_disclosure
+from bridge.chunks import Reassembler, ReassemblyLimits, SetKey, decode_disclosure
 from bridge.envelope import DecodedMessage, DisclosureChunk, decode_message, encode_dead_letter
 from bridge.errors import BrokerUnavailable
 from bridge.kafka import (
@@ -174,7 +176,9 @@ class Delivery:
     digest-checked leaf disclosure; ``topic``/``partition``/``offset`` are those of the record
     that completed it (the last chunk). ``stream`` and ``sequence`` are None for messages that
     carry no stream sequence (a snapshot request), which are deduplicated by offset only, so
-    their ``apply`` must be idempotent."""
+    their ``apply`` must be idempotent. ``chunk_set`` names the chunk set the disclosure was
+    reassembled from (None without a disclosure): refused, the set is forgotten so a redelivery
+    of the entry completes again."""
 
     message: DecodedMessage
     disclosure: LeafDisclosure | None
@@ -183,6 +187,7 @@ class Delivery:
     topic: str
     partition: int
     offset: int
+    chunk_set: SetKey | None = None
 
     @property
     def statement(self) -> SignedStatement:
@@ -523,13 +528,18 @@ class ConsumerBase(abc.ABC):
         self.metrics.evicted += len(self._reassembler.take_evictions())
         if completed is None:
             return None
+        chunk_set: SetKey = (body.stream, body.sequence, body.payload_digest, body.count)
         disclosure = decode_disclosure(completed)
         pending = self._pending.pop((body.stream, body.sequence, completed.statement_digest), None)
         if pending is None:
             # The statement was dropped or never read: an incomplete entry is never applied.
+            # Forget the set, so the entry delivered again (statement and chunks) completes.
+            self._reassembler.forget_completed(chunk_set)
             self.metrics.evicted += 1
             return None
-        delivery = self._delivery(pending.message, disclosure, body.stream, body.sequence, record)
+        delivery = self._delivery(
+            pending.message, disclosure, body.stream, body.sequence, record, chunk_set=chunk_set
+        )
         return delivery, pending.record
 
     def _delivery(
@@ -539,6 +549,8 @@ class ConsumerBase(abc.ABC):
         stream: str | None,
         sequence: int | None,
         record: ConsumerRecord[bytes, bytes],
+        *,
+        chunk_set: SetKey | None = None,
     ) -> Delivery:
         return Delivery(
             message=message,
@@ -548,6 +560,7 @@ class ConsumerBase(abc.ABC):
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
+            chunk_set=chunk_set,
         )
 
     def is_applied(
@@ -598,6 +611,11 @@ class ConsumerBase(abc.ABC):
                 await self._dead_letter(
                     producer, tp, origin, exc, progress_record=record, delivery=delivery
                 )
+                if delivery.chunk_set is not None:
+                    # Refused, not applied: the same entry delivered again (after a fork was
+                    # resolved, say) must reassemble again rather than wait for ever for chunks
+                    # the reassembler would ignore as copies of a set it returned.
+                    self._reassembler.forget_completed(delivery.chunk_set)
                 return
             except TransientError as exc:
                 self.metrics.retries += 1

@@ -278,6 +278,31 @@ def test_duplicates_after_completion_are_ignored() -> None:
     assert reassembler.partial_count == 0
 
 
+def test_a_forgotten_set_is_reassembled_again_and_only_that_one() -> None:
+    """The receiver forgets a set whose entry it refused: the same chunks delivered again
+    complete once more (else that entry would wait for ever). Another set it returned still
+    swallows its copies, and forgetting a set never returned changes nothing."""
+    refused_payload, applied_payload = payload_of(5_000, 6), payload_of(5_000, 7)
+    refused = chunks_of(refused_payload, budget=2_000)
+    applied = chunks_of(applied_payload, budget=2_000)
+    reassembler = Reassembler()
+    (first,) = feed(reassembler, refused)
+    assert len(feed(reassembler, applied)) == 1
+    key = (refused[0].stream, refused[0].sequence, refused[0].payload_digest, refused[0].count)
+    assert feed(reassembler, refused) == []  # remembered: a copy
+    reassembler.forget_completed(key)
+    # Redelivered in another order: reassembled and returned again, exactly the payload.
+    (again,) = feed(reassembler, refused[::-1])
+    assert again == first
+    assert again.payload == refused_payload
+    assert feed(reassembler, refused) == []  # returned again, so remembered again
+    assert feed(reassembler, applied) == []  # the applied set was never forgotten
+    reassembler.forget_completed(("custodian-a/exchange-x", 99, bytes(32), 1))  # unknown: no-op
+    assert feed(reassembler, applied) == []
+    assert reassembler.partial_count == 0
+    assert reassembler.reserved_bytes == 0
+
+
 def test_other_chunking_of_same_payload_is_its_own_set() -> None:
     """A relay that restarts with another budget republishes other chunk counts; both sets
     complete to the same payload and neither conflicts with the other."""

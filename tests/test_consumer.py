@@ -384,6 +384,50 @@ async def test_transient_apply_error_is_retried_not_skipped(
     assert consumer.attempts == 5
 
 
+async def test_an_entry_apply_refused_is_applied_when_delivered_again(
+    engine: Engine, kafka_settings: KafkaSettings
+) -> None:
+    """Refusing an entry forgets its chunk set: the same entry delivered again is reassembled
+    and applied, and the partition's stored offset moves past it (nothing is held back)."""
+    catalogue = new_catalogue()
+    await topics_ready(kafka_settings, catalogue)
+    first, second = (entry_messages(s, catalogue=catalogue) for s in (1, 2))
+    await publish_all(kafka_settings, [*first, *second])
+    consumer = make_consumer(engine, kafka_settings, catalogue, refuse={2})
+    records = len(first) + 2 * len(second)
+    async with running(consumer):
+        await eventually(lambda: consumer.metrics.dead_letters == 1)
+        assert consumer.stored_sequence(STREAM) == 1
+        consumer.refuse.clear()  # whatever made apply refuse is over
+        await publish_all(kafka_settings, second)  # at least once: the same entry again
+        await eventually(lambda: consumer.stored_sequence(STREAM) == 2, timeout_s=5)
+        await eventually(
+            lambda: [mark for mark, _ in consumer.stored_offsets().values()] == [records - 1]
+        )
+    assert effects(engine) == [(1, 5), (2, 0)]
+    assert consumer.rejections == [(2, "sequence_gap")]
+
+
+async def test_an_entry_whose_statement_was_dropped_is_applied_when_delivered_again(
+    engine: Engine, kafka_settings: KafkaSettings
+) -> None:
+    """A chunk set completed after its statement was dropped (too many waiting) is not applied
+    and not remembered: the entry delivered again is reassembled and applied."""
+    catalogue = new_catalogue()
+    await topics_ready(kafka_settings, catalogue)
+    first, second = (entry_messages(s, catalogue=catalogue) for s in (1, 2))
+    # Statement 2 waits, statement 1 pushes it out, then both disclosures arrive.
+    await publish_all(kafka_settings, [second[0], first[0], *first[1:], *second[1:]])
+    consumer = make_consumer(engine, kafka_settings, catalogue, max_pending_statements=1)
+    async with running(consumer):
+        await eventually(lambda: consumer.stored_sequence(STREAM) == 1)
+        await eventually(lambda: consumer.metrics.evicted == 2)  # statement 2, then its chunks
+        await publish_all(kafka_settings, second)
+        await eventually(lambda: consumer.stored_sequence(STREAM) == 2, timeout_s=5)
+    assert effects(engine) == [(1, 5), (2, 0)]
+    assert consumer.metrics.dead_letters == 0
+
+
 async def test_a_large_disclosure_arrives_complete(
     engine: Engine, kafka_settings: KafkaSettings
 ) -> None:

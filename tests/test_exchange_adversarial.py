@@ -921,12 +921,6 @@ async def test_a_fork_freezes_the_stream_until_resolved_through_the_desk(
     assert lane.consumer.exchange_metrics.forks == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge/consumer.py: the reassembler remembers the chunk set of a refused entry as "
-    "completed, so the same entry delivered again never completes (pending for ever, holding "
-    "the partition's stored offset back) until a restart",
-)
 async def test_an_entry_refused_while_frozen_is_credited_when_delivered_again_after_resolution(
     engine: Engine, module_settings: KafkaSettings, custodian: Custodian
 ) -> None:
