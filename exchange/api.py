@@ -15,6 +15,10 @@ principal                own client  any client  exposures,  streams  audit,    
 ``operator:<name>``      yes         yes         yes         yes      yes        yes
 =======================  ==========  =========  ===========  =======  =========  =======
 
+A client asks for the release of its own pledged units (``POST /v1/releases``), the operator for
+any client's: the answer is the exchange's signed release acknowledgement, or the reason it is
+refused (nothing is signed then).
+
 Only the operator publishes a snapshot on the ledger-snapshots topic; auditors and regulators
 take a signed one for themselves. A fork resolution is journaled with the operator's name.
 
@@ -46,7 +50,7 @@ from typing import Any, Final
 from aiohttp import web
 from sqlalchemy import Engine, func, select
 
-from attestations.amounts import format_units, parse_units
+from attestations.amounts import format_units, parse_units, validate_asset_code
 from attestations.canonical import format_timestamp, truncate_to_millis
 from attestations.errors import ConfigurationError, DecodeError, TransientError
 from attestations.merkle import validate_account
@@ -137,12 +141,13 @@ class Action(enum.Enum):
     TAKE_SNAPSHOT = "take a positions snapshot"
     PUBLISH_SNAPSHOT = "publish a positions snapshot"
     RESOLVE_FORK = "resolve a fork"
+    REQUEST_RELEASE = "request a release"
     READ_METRICS = "read metrics"
 
 
 _ALLOWED: Final[Mapping[Role, frozenset[Action]]] = {
     # A client reads its own margin (checked against the path below), nothing else.
-    Role.CLIENT: frozenset({Action.READ_CLIENT}),
+    Role.CLIENT: frozenset({Action.READ_CLIENT, Action.REQUEST_RELEASE}),
     Role.ENGINE: frozenset({Action.SUBMIT_EXPOSURE, Action.PRETRADE}),
     Role.AUDITOR: frozenset({Action.READ_STREAMS, Action.READ_AUDIT, Action.TAKE_SNAPSHOT}),
     Role.REGULATOR: frozenset({Action.READ_STREAMS, Action.READ_AUDIT, Action.TAKE_SNAPSHOT}),
@@ -446,6 +451,7 @@ class _Api:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.pretrade_decisions: Counter[str] = Counter()
         self.exposure_results: Counter[str] = Counter()
+        self.release_results: Counter[str] = Counter()
 
     @property
     def quote(self) -> str:
@@ -563,6 +569,47 @@ class _Api:
         client = parse_client(query["client"])
         add = parse_amount(query["add_exposure"], what="add_exposure")
         return await self._pretrade(principal, client, add)
+
+    # --- releases -------------------------------------------------------------------------------
+
+    async def post_release(self, request: web.Request) -> web.Response:
+        principal = self._principal(request)
+        http.parse_query(request.query, allowed=frozenset())
+        body = await http.read_json_body(request, max_bytes=MAX_SMALL_BODY_BYTES)
+        require_keys(body, required=frozenset({"client", "custodian", "asset", "quantity"}))
+        values = {name: body[name] for name in ("client", "custodian", "asset")}
+        if not all(isinstance(value, str) for value in values.values()):
+            raise BadRequest("client, custodian and asset must be strings")
+        client = parse_client(values["client"])
+        custodian = http.as_bad_request(
+            lambda: validate_party(values["custodian"], what="custodian"), "custodian"
+        )
+        if custodian == self.desk.exchange:
+            raise BadRequest("the custodian cannot be this exchange")
+        asset = http.as_bad_request(lambda: validate_asset_code(values["asset"]), "asset")
+        quantity = parse_amount(body["quantity"], what="quantity")
+        if quantity == 0:
+            raise BadRequest("quantity must be at least 1")
+        authorize(principal, Action.REQUEST_RELEASE, client=client)
+        release = await asyncio.to_thread(
+            self.desk.release, client, custodian, asset, quantity, self.clock()
+        )
+        decision = release.decision
+        self.release_results["allowed" if decision.allowed else str(decision.reason)] += 1
+        answer: dict[str, Any] = {
+            "allowed": decision.allowed,
+            "asset": asset,
+            "client": client,
+            "collateral": format_units(decision.collateral, what="collateral"),
+            "credit_limit": format_units(decision.credit_limit, what="credit limit"),
+            "custodian": custodian,
+            "quantity": format_units(quantity),
+            "quote": self.quote,
+            "reason": decision.reason,
+            "releasable": format_units(decision.releasable),
+            "release_ack": None if release.ack is None else release.ack.to_wire(),
+        }
+        return http.json_response(answer)
 
     # --- audit, streams, snapshots --------------------------------------------------------------
 
@@ -691,6 +738,7 @@ ROUTES: Final[Sequence[tuple[str, str, str]]] = (
     ("GET", "/v1/clients/{client}/credit", "client_credit"),
     ("POST", "/v1/exposures", "post_exposure"),
     ("POST", "/v1/pretrade", "post_pretrade"),
+    ("POST", "/v1/releases", "post_release"),
     ("GET", "/v1/pretrade", "get_pretrade"),
     ("GET", "/v1/audit", "audit"),
     ("GET", "/v1/streams", "streams"),

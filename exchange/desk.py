@@ -38,11 +38,12 @@ anything about margins (exchange/ledger.py and exchange/policy.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final, TypeVar
 
 from sqlalchemy import Engine
@@ -51,11 +52,13 @@ from sqlalchemy.orm import Session
 from attestations.canonical import truncate_to_millis
 from attestations.errors import InvariantViolation
 from attestations.notices import (
+    DEFAULT_RELEASE_VALIDITY,
     LiquidationDue,
     LiquidationReason,
     MarginCall,
     NoticeType,
     PositionLine,
+    ReleaseAck,
     SignedNotice,
     StreamHeadRef,
     build_positions_snapshot,
@@ -66,7 +69,7 @@ from attestations.p256 import DigestSigner
 from attestations.statement import PricePoint
 from bridge.envelope import OutboundMessage, encode_notice
 from bridge.outbox import enqueue, run_transaction
-from bridge.topics import DEFAULT_CATALOGUE, TopicCatalogue
+from bridge.topics import DEFAULT_CATALOGUE, TopicCatalogue, compute_stream_key
 from exchange.ledger import (
     ClientStatus,
     ExposureReport,
@@ -75,6 +78,7 @@ from exchange.ledger import (
     Notice,
     PositionView,
     PretradeDecision,
+    ReleaseDecision,
 )
 from exchange.policy import MarginState, NoticeKind
 from exchange.store import persist_change
@@ -99,6 +103,16 @@ class Committed:
 
     change: LedgerChange
     notices: tuple[SignedNotice, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The answer to a release request: the ledger's decision and, when allowed, the signed
+    acknowledgement (enqueued on the instructions topic for the custodian). A refusal signs
+    nothing."""
+
+    decision: ReleaseDecision
+    ack: SignedNotice | None
 
 
 class DeskLock:
@@ -241,6 +255,67 @@ class MarginDesk:
             what="resolving a fork",
         )
 
+    def release(
+        self,
+        client: str,
+        custodian: str,
+        asset: str,
+        quantity: int,
+        now: datetime,
+        *,
+        validity: timedelta = DEFAULT_RELEASE_VALIDITY,
+    ) -> Release:
+        """May ``client`` take ``quantity`` units of ``asset`` back from its pledge at
+        ``custodian``? Decided by :meth:`MarginLedger.plan_release` on the stream
+        ``<custodian>/<exchange>``. When allowed, in one transaction: the ``release`` journal
+        entry and the signed :class:`~attestations.notices.ReleaseAck` (valid ``validity``) in
+        the outbox for the instructions topic; then the ledger reserves the units. Refused: the
+        reason, nothing signed or written."""
+        moment = truncate_to_millis(now)
+        stream = compute_stream_key(custodian=custodian, exchange=self.exchange)
+        body = ReleaseAck(
+            exchange=self.exchange,
+            custodian=custodian,
+            client=client,
+            asset=asset,
+            quantity=quantity,
+            issued_at=moment,
+            expires_at=moment + validity,
+        )
+        with self.lock:
+            decision, change = self.ledger.plan_release(
+                client,
+                stream=stream,
+                asset=asset,
+                quantity=quantity,
+                release_id=body.release_id,
+                issued_at=body.issued_at,
+                expires_at=body.expires_at,
+                now=moment,
+            )
+            if not decision.allowed:
+                return Release(decision, None)
+            signed = sign_notice(body, self.signer)
+            if change.is_empty:  # the same release asked again: already enqueued
+                return Release(decision, signed)
+            message = encode_notice(signed, catalogue=self.catalogue)
+
+            def work(session: Session) -> None:
+                persist_change(session, change, now=moment)
+                enqueue(session, [message], sequence=NOTICE_OUTBOX_SEQUENCE, now=moment)
+
+            run_transaction(self.engine, work, what="acknowledging a release")
+            self._apply(change)
+        logger.info(
+            "release %s of %d %s for %s at %s acknowledged",
+            body.release_id,
+            quantity,
+            asset,
+            client,
+            custodian,
+        )
+        return Release(decision, signed)
+
     def _apply(self, change: LedgerChange) -> None:
         self._require_lock()
         self._sequence += 1
@@ -252,6 +327,18 @@ class MarginDesk:
     def _require_lock(self) -> None:
         if not self.lock.held:
             raise InvariantViolation("the margin desk is written without holding its lock")
+
+    @contextlib.contextmanager
+    def changing_ledger(self) -> Iterator[MarginLedger]:
+        """Bracket a change of the ledger made outside :meth:`stage`, such as a reload from the
+        database (:meth:`MarginLedger.reset`): the caller holds :attr:`lock`, and the read
+        counter is odd for the duration, so a read beside it is repeated."""
+        self._require_lock()
+        self._sequence += 1
+        try:
+            yield self.ledger
+        finally:
+            self._sequence += 1
 
     # --- reading --------------------------------------------------------------------------------
 
