@@ -7,11 +7,18 @@ recompute the book from its journal to find every broken invariant. :class:`Memo
 commands to an in-memory book with exactly these rules; it is the reference the database store
 (:mod:`custodian.store`) is tested against.
 
-What it does not do: read or write a database, read the clock (``now`` is passed in), or verify
-the exchange's signature over an unpledge's release acknowledgement. That signature arrives with
-the exchange's instruction messages in a later change; until then an :class:`Unpledge` carries
-the acknowledgement id, the book records it, and the check goes through the
-:data:`ReleaseAckVerifier` hook, whose default (:func:`record_release_ack_unverified`) only records.
+Release acknowledgements: an :class:`Unpledge` names the exchange's acknowledgement by its id
+(``release_ack``); the signed acknowledgement itself is supplied alongside the command (it is not
+part of the command's content, so a retry is recognised by the id alone). The
+:data:`ReleaseAckVerifier` hook sees both as a :class:`ReleaseAckCheck`, with the command's time
+and whether the id was used before. :class:`SignedReleaseAckVerifier` is the real one: the
+exchange's signature under the key registry, addressee, client, asset, quantity, expiry, and
+single use (the id it accepts is recorded in the journal's unique ``release_ack`` column, so a
+second unpledge under it is refused, inside the same transaction). The default,
+:func:`record_release_ack_unverified`, only records the id (for books that take unpledges from
+elsewhere, and for tests of the posting rules).
+
+What it does not do: read or write a database, or read the clock (``now`` is passed in).
 
 Money: quantities are ``int`` minor units in ``[1, 2**128)`` on commands; a posting is a signed
 amount. A float anywhere raises :class:`~attestations.errors.FloatRejected`.
@@ -30,14 +37,24 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, ClassVar, Final
 
 from attestations.amounts import UNITS_LIMIT, Asset, validate_asset_code
 from attestations.canonical import compute_canonical_bytes, compute_digest
-from attestations.errors import AmountError, DecodeError, FloatRejected
+from attestations.errors import (
+    AmountError,
+    ConfigurationError,
+    CounterpartyError,
+    DecodeError,
+    FloatRejected,
+    InvariantViolation,
+)
+from attestations.keys import KeyRegistry
 from attestations.merkle import validate_account
+from attestations.notices import verify_release_ack as verify_signed_release_ack
 from attestations.statement import validate_party
+from attestations.verify import DEFAULT_MAX_CLOCK_SKEW
 from custodian.errors import (
     CustodyLimitExceeded,
     IdempotencyConflict,
@@ -259,8 +276,9 @@ class Pledge:
 @dataclass(frozen=True, slots=True)
 class Unpledge:
     """Release pledged units after the exchange acknowledged the release:
-    pledged:<exchange> -> available. ``release_ack`` is the exchange's acknowledgement id; the book
-    records it with the entry (its signature is checked through :data:`ReleaseAckVerifier`)."""
+    pledged:<exchange> -> available. ``release_ack`` is the exchange's acknowledgement id (the
+    signed acknowledgement's ``release_id``); the book records it with the entry, and the signed
+    acknowledgement supplied alongside is checked through :data:`ReleaseAckVerifier`."""
 
     kind: ClassVar[str] = "unpledge"
     idempotency_key: str
@@ -395,16 +413,139 @@ _COMMAND_TYPES: Final[dict[str, type[Command]]] = {
     )
 }
 
-ReleaseAckVerifier = Callable[[Unpledge], None]
-"""Hook that checks an unpledge's release acknowledgement and raises a CounterpartyError when it
-is not valid. The exchange-signed acknowledgement (and so a real verifier) comes with a later
-change; the default records the id without verifying anything."""
+# --- release acknowledgements -------------------------------------------------------------------
 
 
-def record_release_ack_unverified(command: Unpledge) -> None:
+class ReleaseAckUnknown(CounterpartyError):
+    """No signed acknowledgement was supplied (or stored) for the unpledge's release id."""
+
+    reason = "release_ack_unknown"
+
+
+class ReleaseAckMismatch(CounterpartyError):
+    """The acknowledgement is for another release id, exchange, custodian, client or asset."""
+
+    reason = "release_ack_mismatch"
+
+
+class ReleaseAckExceeded(CounterpartyError):
+    """The unpledge releases more than the acknowledgement's quantity."""
+
+    reason = "release_ack_exceeded"
+
+
+class ReleaseAckReused(CounterpartyError):
+    """An unpledge was already recorded under this acknowledgement: it is single use."""
+
+    reason = "release_ack_reused"
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseAckCheck(Unpledge):
+    """An unpledge as the release-ack hook sees it: the command's members, plus ``now`` (when it
+    is applied), ``signed_ack`` (the exchange's signed acknowledgement supplied alongside, wire
+    bytes, or None) and ``used_by`` (the idempotency key of an entry already recorded as using
+    this acknowledgement, or None). A subclass of :class:`Unpledge`, so a hook written for the
+    bare command still fits. ``now`` is None only from a store that does not pass the command's
+    time; a verifier that judges expiry refuses such a check."""
+
+    now: datetime | None = None
+    signed_ack: bytes | None = None
+    used_by: str | None = None
+
+    def __post_init__(self) -> None:
+        Unpledge.__post_init__(self)
+        if self.now is not None and (
+            not isinstance(self.now, datetime) or self.now.utcoffset() is None
+        ):
+            raise DecodeError("the unpledge's time must be a timezone-aware datetime")
+        if self.signed_ack is not None and not isinstance(self.signed_ack, bytes):
+            raise DecodeError("the signed acknowledgement must be bytes")
+
+    @property
+    def command(self) -> Unpledge:
+        return Unpledge(
+            self.idempotency_key,
+            self.client,
+            self.asset,
+            self.exchange,
+            self.quantity,
+            self.release_ack,
+        )
+
+
+ReleaseAckVerifier = Callable[[ReleaseAckCheck], str | None]
+"""Hook that checks an unpledge's release acknowledgement: it raises a CounterpartyError to refuse
+the unpledge, and returns the release id to record as used (the book then refuses any later
+unpledge under it), or None to record nothing beyond the command."""
+
+
+def record_release_ack_unverified(check: ReleaseAckCheck) -> None:
     """Default :data:`ReleaseAckVerifier`: accepts any well-formed acknowledgement id (checked by
-    :class:`Unpledge` itself). The id is stored with the journal entry for audit."""
-    del command
+    :class:`Unpledge` itself) and verifies nothing. The id is stored with the journal entry's
+    command for audit; it is not recorded as used."""
+    del check
+
+
+@dataclass(frozen=True, slots=True)
+class SignedReleaseAckVerifier:
+    """The :data:`ReleaseAckVerifier` of a custodian that takes the exchange's signed
+    acknowledgements (docs/protocol.md 12.5). Accepts an unpledge when, in this order: a signed
+    acknowledgement was supplied (ReleaseAckUnknown);
+    :func:`attestations.notices.verify_release_ack` accepts it at the command's time under
+    ``registry`` (an ``exchange`` key of the ack's exchange, signature, not future-dated, not
+    expired: its errors); its release id is the command's
+    ``release_ack``, its exchange, client and asset are the command's and its custodian is
+    ``custodian`` (ReleaseAckMismatch); its quantity covers the unpledged quantity
+    (ReleaseAckExceeded); and no entry used it before (ReleaseAckReused). Returns the release id,
+    which the book records as used in the same transaction as the unpledge."""
+
+    registry: KeyRegistry
+    custodian: str
+    max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW
+
+    def __post_init__(self) -> None:
+        validate_party(self.custodian, what="custodian")
+
+    def __call__(self, check: ReleaseAckCheck) -> str:
+        if check.now is None:
+            raise ConfigurationError(
+                "the book did not pass the unpledge's time, so the acknowledgement's expiry "
+                "cannot be judged"
+            )
+        if check.signed_ack is None:
+            raise ReleaseAckUnknown(
+                f"no signed release acknowledgement {check.release_ack!r} was supplied"
+            )
+        ack = verify_signed_release_ack(
+            check.signed_ack,
+            registry=self.registry,
+            now=check.now,
+            max_clock_skew=self.max_clock_skew,
+        )
+        if ack.release_id != check.release_ack:
+            raise ReleaseAckMismatch(
+                f"the supplied acknowledgement is {ack.release_id}, the unpledge names "
+                f"{check.release_ack[:70]!r}"
+            )
+        expected = (self.custodian, check.exchange, check.client, check.asset)
+        found = (ack.custodian, ack.exchange, ack.client, ack.asset)
+        if found != expected:
+            raise ReleaseAckMismatch(
+                f"acknowledgement {ack.release_id} releases {ack.client}'s {ack.asset} pledged to "
+                f"{ack.exchange} at {ack.custodian}, not {check.client}'s {check.asset} pledged to "
+                f"{check.exchange} at {self.custodian}"
+            )
+        if check.quantity > ack.quantity:
+            raise ReleaseAckExceeded(
+                f"acknowledgement {ack.release_id} releases at most {ack.quantity} {ack.asset}, "
+                f"the unpledge is of {check.quantity}"
+            )
+        if check.used_by is not None:
+            raise ReleaseAckReused(
+                f"acknowledgement {ack.release_id} was already used by {check.used_by!r}"
+            )
+        return ack.release_id
 
 
 def compute_command_json(command: Command) -> dict[str, Any]:
@@ -520,21 +661,74 @@ def compute_postings(command: Command) -> tuple[Posting, Posting]:
     return Posting(source, -command.quantity), Posting(destination, command.quantity)
 
 
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A command the rules accept: its postings, and the release id the release-ack hook
+    recorded as used (an unpledge under a verified acknowledgement), else None."""
+
+    postings: tuple[Posting, Posting]
+    release_ack_used: str | None = None
+
+
 def compute_entry(
     command: Command,
     balances: Mapping[Account, int],
     *,
     assets: Mapping[str, Asset],
     verify_release_ack: ReleaseAckVerifier = record_release_ack_unverified,
+    now: datetime | None = None,
+    signed_ack: bytes | None = None,
+    release_ack_used_by: str | None = None,
 ) -> tuple[Posting, Posting]:
+    """The postings of :func:`compute_acceptance` (for callers that do not record used
+    acknowledgements)."""
+    return compute_acceptance(
+        command,
+        balances,
+        assets=assets,
+        verify_release_ack=verify_release_ack,
+        now=now,
+        signed_ack=signed_ack,
+        release_ack_used_by=release_ack_used_by,
+    ).postings
+
+
+def compute_acceptance(
+    command: Command,
+    balances: Mapping[Account, int],
+    *,
+    assets: Mapping[str, Asset],
+    verify_release_ack: ReleaseAckVerifier = record_release_ack_unverified,
+    now: datetime | None = None,
+    signed_ack: bytes | None = None,
+    release_ack_used_by: str | None = None,
+) -> Accepted:
     """Accept ``command`` against the current ``balances`` (an account missing from the mapping
-    holds zero) and return its postings, or raise: unknown asset, a client account that would go
-    negative (pledge or withdrawal beyond available, unpledge or settlement beyond pledged), or
-    custody of one asset reaching 2**128 (a deposit or a yield distribution)."""
+    holds zero) and return its postings, or raise: unknown asset, the release-ack hook refusing an
+    unpledge, a client account that would go negative (pledge or withdrawal beyond available,
+    unpledge or settlement beyond pledged), or custody of one asset reaching 2**128 (a deposit or
+    a yield distribution). For an unpledge, ``now`` is the command's time,
+    ``signed_ack`` the acknowledgement supplied alongside, ``release_ack_used_by`` the key of an
+    entry that already used the command's ``release_ack``."""
     if command.asset not in assets:
         raise UnknownAsset(f"asset {command.asset!r} is not configured in the book")
+    used: str | None = None
     if isinstance(command, Unpledge):
-        verify_release_ack(command)
+        used = verify_release_ack(
+            ReleaseAckCheck(
+                command.idempotency_key,
+                command.client,
+                command.asset,
+                command.exchange,
+                command.quantity,
+                command.release_ack,
+                now=now,
+                signed_ack=signed_ack,
+                used_by=release_ack_used_by,
+            )
+        )
+        if used is not None and used != command.release_ack:
+            raise InvariantViolation("the release-ack hook recorded another id than the command's")
     postings = compute_postings(command)
     for posting in postings:
         after = balances.get(posting.account, 0) + posting.amount
@@ -549,7 +743,7 @@ def compute_entry(
                 f"{command.kind} of {command.quantity} {account.asset} for {account.holder}: "
                 f"{account.sub_account} holds {balances.get(account, 0)}"
             )
-    return postings
+    return Accepted(postings, used)
 
 
 def compute_balances_after(
@@ -697,22 +891,37 @@ class MemoryBook:
     _balances: dict[Account, int] = field(default_factory=dict)
     _journal: list[RecordedEntry] = field(default_factory=list)
     _by_key: dict[str, tuple[str, RecordedEntry]] = field(default_factory=dict)
+    _used_acks: dict[str, str] = field(default_factory=dict)  # release id -> idempotency key
 
-    def apply(self, command: Command, *, now: datetime) -> RecordedEntry:
+    def apply(
+        self, command: Command, *, now: datetime, release_ack: bytes | None = None
+    ) -> RecordedEntry:
         """Apply ``command`` once. A retry (same key, same content) returns the original entry
-        and changes nothing; the same key with other content raises IdempotencyConflict."""
+        and changes nothing; the same key with other content raises IdempotencyConflict.
+        ``release_ack`` is the signed acknowledgement supplied with an unpledge."""
         recorded = self._by_key.get(command.idempotency_key)
         if recorded is not None:
             digest, entry = recorded
             verify_retry(command, recorded_digest=digest)
             return entry
-        postings = compute_entry(
-            command, self._balances, assets=self.assets, verify_release_ack=self.verify_release_ack
+        accepted = compute_acceptance(
+            command,
+            self._balances,
+            assets=self.assets,
+            verify_release_ack=self.verify_release_ack,
+            now=now,
+            signed_ack=release_ack,
+            release_ack_used_by=self._used_acks.get(command.release_ack)
+            if isinstance(command, Unpledge)
+            else None,
         )
+        postings = accepted.postings
         entry = RecordedEntry(len(self._journal) + 1, now, command, postings)
         self._balances.update(compute_balances_after(self._balances, postings))
         self._journal.append(entry)
         self._by_key[command.idempotency_key] = (compute_command_digest(command), entry)
+        if accepted.release_ack_used is not None:
+            self._used_acks[accepted.release_ack_used] = command.idempotency_key
         return entry
 
     def balances(
