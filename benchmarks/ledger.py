@@ -26,7 +26,7 @@ Three measurements, one process:
   (the lock-free read the API uses) over many calls with random clients and amounts.
 * **pledge-to-credit**: the publishing path of benchmarks/publish.py (embedded Tansu broker,
   SQLite custody book, ``AttestationService`` in its ``run`` loop, ``OutboxRelay``) with the
-  exchange's ``AttestationConsumer`` sharing the lock and the ledger of a ``MarginDesk`` as the
+  exchange's ``AttestationConsumer`` writing through a ``MarginDesk`` (desk mode) as the
   receiver; every client has an exposure report, so each statement re-evaluates every holder.
   For each pledge: from its commit at the custodian to the moment the exchange's ledger shows it
   (the consumer's transaction committed and the change applied in memory).
@@ -603,9 +603,10 @@ async def run_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any
             policy=policy,
             catalogue=CATALOGUE,
             migrate_schema=False,
-            ledger=ledger,
+            # Desk mode: the desk's lock and ledger, its staging (signed notices in the
+            # outbox) and its consistent-read counter around every apply.
+            desk=desk,
             streams=streams,
-            effect_lock=desk.lock,
         )
         stop = asyncio.Event()
         tasks = [
