@@ -14,8 +14,10 @@ what they accepted.
 Locking: on PostgreSQL each command creates its two balance rows if missing
 (``INSERT ... ON CONFLICT DO NOTHING``) and locks them with ``SELECT ... FOR UPDATE``, one account
 at a time in :class:`~custodian.book.Account` order, so two commands touching the same units
-serialize and no lock cycle can form. SQLite transactions start with ``BEGIN IMMEDIATE``, which
-takes the database's write lock up front. Lock conflicts the database resolves by aborting
+serialize and no lock cycle can form. On SQLite a command's transaction starts with ``BEGIN
+IMMEDIATE``, which takes the database's write lock up front (after the process's in-process lock
+for the file, :func:`bridge.database.sqlite_write_lock`); queries read one WAL snapshot without
+taking it (:func:`bridge.database.read_only`). Lock conflicts the database resolves by aborting
 (deadlock, serialization failure, "database is locked") are retried a few times, then surface as
 :class:`~custodian.errors.BookUnavailable`.
 """
