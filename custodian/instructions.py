@@ -22,8 +22,19 @@ with the reason and the partition moves on):
   skew allows, or older than ``max_request_age`` (an exchange that still needs a snapshot asks
   again);
 * ``unsupported_instruction``: any other message type the instructions topic carries (margin
-  calls, liquidation-due notices). The custodian does not act on them yet; they are preserved on
-  the dead-letter topic, never silently dropped.
+  calls, liquidation-due notices), and release acknowledgements when the consumer has no key
+  registry to verify them with. The custodian does not act on them yet; they are preserved on the
+  dead-letter topic, never silently dropped.
+
+Release acknowledgements (docs/protocol.md 12.5): one addressed to this custodian for a stream
+it serves is verified with :func:`attestations.notices.verify_release_ack` under the consumer's
+``registry`` (the exchange's key, signature, not future-dated, not expired) and stored in
+``book_release_acks`` by its release id, in the consumer's transaction, so an unpledge can name
+it (``mcb custodian unpledge --release-ack ID``). Refused ones are dead-lettered with the
+verification's reason (``bad_signature``, ``unknown_key``, ``expired``, ...) or
+``wrong_custodian`` / ``unknown_stream``; the same acknowledgement again is stored once.
+Whether an unpledge may use it (client, asset, quantity, single use) is the book's check at the
+unpledge (:class:`custodian.book.SignedReleaseAckVerifier`).
 
 Records that do not decode (malformed, oversized, a statement replayed onto this topic) are
 dead-lettered by the base with the envelope's reasons.
@@ -50,23 +61,109 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import (
+    Engine,
+    func,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from attestations.canonical import truncate_to_millis
 from attestations.errors import ConfigurationError, CounterpartyError, FutureDated
+from attestations.keys import KeyRegistry
+from attestations.notices import ReleaseAck, SignedNotice, verify_release_ack
 from attestations.statement import StatementKind, validate_party
 from attestations.verify import DEFAULT_MAX_CLOCK_SKEW
 from bridge.consumer import ConsumerBase, Delivery
 from bridge.envelope import SnapshotRequest
 from bridge.kafka import KafkaSettings
+from bridge.outbox import run_transaction
 from bridge.topics import DEFAULT_CATALOGUE, TopicCatalogue, TopicKind
+from custodian.book import ReleaseAckUnknown
 from custodian.service import AttestationService, statements_table
+from custodian.store import release_acks_table
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_AGE: Final = timedelta(hours=1)
 DEFAULT_RECHECK_S: Final = 1.0
+
+
+# --- received release acknowledgements (table: custodian.store.release_acks_table) -------------
+
+
+def persist_release_ack(session: Session, signed: SignedNotice, *, received_at: datetime) -> None:
+    """Store a verified acknowledgement (the caller verified it) in ``session``'s transaction;
+    one already stored under its release id is kept as it is."""
+    ack = signed.notice
+    if not isinstance(ack, ReleaseAck):
+        raise ConfigurationError("only release acknowledgements are stored here")
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.connection().execute(
+        insert(release_acks_table)
+        .values(
+            release_id=ack.release_id,
+            exchange=ack.exchange,
+            client=ack.client,
+            asset=ack.asset,
+            quantity=ack.quantity,
+            issued_at=ack.issued_at,
+            expires_at=ack.expires_at,
+            received_at=received_at,
+            wire=signed.encode(),
+        )
+        .on_conflict_do_nothing(index_elements=["release_id"])
+    )
+
+
+def store_release_ack(
+    engine: Engine,
+    message: bytes,
+    *,
+    registry: KeyRegistry,
+    custodian: str,
+    now: datetime,
+    max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
+) -> ReleaseAck:
+    """Verify a signed acknowledgement addressed to ``custodian`` (from a file, say) and store it
+    as the consumer does; return it. Raises the verification's errors or WrongCustodian."""
+    signed = SignedNotice.decode(message)
+    ack = verify_release_ack(signed, registry=registry, now=now, max_clock_skew=max_clock_skew)
+    if ack.custodian != custodian:
+        raise WrongCustodian(
+            f"release acknowledgement {ack.release_id} is addressed to {ack.custodian}, this is "
+            f"{custodian}"
+        )
+
+    def work(session: Session) -> None:
+        persist_release_ack(session, signed, received_at=now)
+
+    run_transaction(engine, work, what="storing a release acknowledgement")
+    return ack
+
+
+def fetch_release_ack(engine: Engine, release_id: str) -> bytes:
+    """The wire bytes of the stored acknowledgement ``release_id``; ReleaseAckUnknown when none
+    was received."""
+
+    def work(session: Session) -> bytes | None:
+        row = (
+            session.connection()
+            .execute(
+                select(release_acks_table.c.wire).where(
+                    release_acks_table.c.release_id == release_id
+                )
+            )
+            .first()
+        )
+        return None if row is None else bytes(row[0])
+
+    wire = run_transaction(engine, work, what="reading a release acknowledgement")
+    if wire is None:
+        raise ReleaseAckUnknown(f"no release acknowledgement {release_id[:70]!r} was received")
+    return wire
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -121,6 +218,8 @@ class InstructionMetrics:
     """Pending requests a new snapshot answered."""
     reminders: int = 0
     """Times a pending request was passed to its service again."""
+    release_acks: int = 0
+    """Release acknowledgements verified and stored (a redelivered one counts again)."""
 
 
 @dataclass
@@ -134,6 +233,8 @@ class InstructionConsumer(ConsumerBase):
     clock: Callable[[], datetime] = _utc_now
     max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW
     max_request_age: timedelta = DEFAULT_MAX_REQUEST_AGE
+    registry: KeyRegistry | None = None
+    """The exchanges' keys, to verify release acknowledgements; without it they are refused."""
     recheck_s: float = DEFAULT_RECHECK_S
     require_disclosure: bool = False  # no statements travel on instructions
     instruction_metrics: InstructionMetrics = field(default_factory=InstructionMetrics)
@@ -161,6 +262,9 @@ class InstructionConsumer(ConsumerBase):
 
     def apply(self, session: Session, delivery: Delivery) -> None:
         body = delivery.message.body
+        if isinstance(body, SignedNotice) and isinstance(body.notice, ReleaseAck):
+            self._store_release_ack(session, body)
+            return
         if not isinstance(body, SnapshotRequest):
             raise UnsupportedInstruction(
                 f"{delivery.message.envelope.type.value}: this custodian does not act on it yet"
@@ -197,6 +301,33 @@ class InstructionConsumer(ConsumerBase):
         self.instruction_metrics.snapshot_requests += 1
         logger.info(
             "%s: snapshot requested from %d (%s)", service.stream, body.from_sequence, body.reason
+        )
+
+    def _store_release_ack(self, session: Session, signed: SignedNotice) -> None:
+        if self.registry is None:
+            raise UnsupportedInstruction(
+                "release acknowledgement: this consumer has no key registry to verify it with"
+            )
+        now = self.clock()
+        ack = verify_release_ack(
+            signed, registry=self.registry, now=now, max_clock_skew=self.max_clock_skew
+        )
+        if ack.custodian != self.custodian:
+            raise WrongCustodian(
+                f"release acknowledgement for custodian {ack.custodian}, this is {self.custodian}"
+            )
+        if ack.exchange not in self.services:
+            raise UnknownStream(f"{self.custodian} serves no stream for {ack.exchange}")
+        persist_release_ack(session, signed, received_at=now)
+        self.instruction_metrics.release_acks += 1
+        logger.info(
+            "release acknowledgement %s: %s may release %d %s pledged to %s until %s",
+            ack.release_id,
+            ack.client,
+            ack.quantity,
+            ack.asset,
+            ack.exchange,
+            ack.expires_at.isoformat(),
         )
 
     def _service_for(self, request: SnapshotRequest) -> AttestationService:

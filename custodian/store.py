@@ -39,11 +39,14 @@ from sqlalchemy import (
     Engine,
     ForeignKeyConstraint,
     Index,
+    LargeBinary,
     MetaData,
     Numeric,
+    PrimaryKeyConstraint,
     Select,
     SmallInteger,
     String,
+    Table,
     Text,
     UniqueConstraint,
     bindparam,
@@ -70,11 +73,12 @@ from custodian.book import (
     Posting,
     RecordedEntry,
     ReleaseAckVerifier,
+    Unpledge,
+    compute_acceptance,
     compute_accounts,
     compute_balances_after,
     compute_command_bytes,
     compute_command_digest,
-    compute_entry,
     compute_invariant_breaks,
     parse_command,
     pledged_to,
@@ -177,6 +181,8 @@ class JournalEntryRow(_BookTable, table=True):
     __table_args__ = (
         UniqueConstraint("idempotency_key", name="uq_book_journal_entries_idempotency_key"),
         Index("ix_book_journal_entries_client_asset", "client", "asset"),
+        # The release id a verified unpledge used: single use (migration 0003).
+        Index("uq_book_journal_entries_release_ack", "release_ack", unique=True),
         {"sqlite_autoincrement": True},
     )
 
@@ -191,6 +197,7 @@ class JournalEntryRow(_BookTable, table=True):
     asset: str = Field(max_length=16)
     command: str = Field(sa_type=Text)
     recorded_at: datetime = Field(sa_type=UtcDateTime)
+    release_ack: str | None = Field(default=None, max_length=128)
 
 
 class PostingRow(_BookTable, table=True):
@@ -222,6 +229,24 @@ class PostingRow(_BookTable, table=True):
 
 
 metadata: Final = book_registry.metadata
+
+# Release acknowledgements received from the exchange and verified (custodian/instructions.py),
+# by release id, so an unpledge can name one (migration 0003).
+release_acks_table: Final = Table(
+    "book_release_acks",
+    metadata,
+    Column("release_id", String(64), nullable=False),
+    Column("exchange", String(64), nullable=False),
+    Column("client", String(128), nullable=False),
+    Column("asset", String(16), nullable=False),
+    Column("quantity", Units, nullable=False),
+    Column("issued_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("received_at", UtcDateTime, nullable=False),
+    # The signed acknowledgement's wire bytes (RFC 8785), as received.
+    Column("wire", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("release_id", name="pk_book_release_acks"),
+)
 _balances: Final = metadata.tables["book_balances"]
 _journal: Final = metadata.tables["book_journal_entries"]
 _postings: Final = metadata.tables["book_postings"]
@@ -359,10 +384,13 @@ class CustodyBook:
 
     # --- commands -------------------------------------------------------------------------------
 
-    def apply(self, command: Command, *, now: datetime | None = None) -> RecordedEntry:
+    def apply(
+        self, command: Command, *, now: datetime | None = None, release_ack: bytes | None = None
+    ) -> RecordedEntry:
         """Apply ``command`` in one transaction and return its journal entry. A retry (same
         idempotency key, same content) returns the original entry and changes nothing; the same
-        key with other content raises IdempotencyConflict; a rejected command leaves no trace."""
+        key with other content raises IdempotencyConflict; a rejected command leaves no trace.
+        ``release_ack`` is the signed acknowledgement supplied with an unpledge."""
         moment = datetime.now(UTC) if now is None else now
         if moment.tzinfo is None or moment.utcoffset() is None:
             raise ValueError("now must be timezone-aware")
@@ -371,14 +399,16 @@ class CustodyBook:
         # A unique-key conflict means a concurrent transaction committed the same idempotency key
         # first: the next try finds it and returns the replay (or the conflict).
         return database.run_with_retries(
-            lambda: self._apply_once(command, digest=digest, moment=moment),
+            lambda: self._apply_once(command, digest=digest, moment=moment, ack=release_ack),
             what=f"applying {command.kind} {command.idempotency_key!r}",
             max_attempts=self._max_attempts,
             unavailable=BookUnavailable,
             corrupted=BookCorrupted,
         )
 
-    def _apply_once(self, command: Command, *, digest: str, moment: datetime) -> RecordedEntry:
+    def _apply_once(
+        self, command: Command, *, digest: str, moment: datetime, ack: bytes | None
+    ) -> RecordedEntry:
         # Core statements built once (module level), not ORM objects: a command holds SQLite's
         # write lock for as long as it runs, and the ORM's unit of work cost ~4 ms of CPU per
         # command, which every other writer then queued behind.
@@ -402,12 +432,23 @@ class CustodyBook:
                     if row is None:
                         raise BookCorrupted("a recorded journal entry vanished")
                     return _load_entries(session, [row])[0]  # leaving rolls back
-            postings = compute_entry(
+            used_by = None
+            if isinstance(command, Unpledge):  # after the locks, like the key above
+                used_by = connection.execute(
+                    sqlalchemy_select(_journal.c.idempotency_key).where(
+                        _journal.c.release_ack == command.release_ack
+                    )
+                ).scalar_one_or_none()
+            accepted = compute_acceptance(
                 command,
                 balances,
                 assets=self._assets,
                 verify_release_ack=self._verify_release_ack,
+                now=moment,
+                signed_ack=ack,
+                release_ack_used_by=used_by,
             )
+            postings = accepted.postings
             inserted = connection.execute(
                 _journal.insert().values(
                     idempotency_key=command.idempotency_key,
@@ -417,6 +458,7 @@ class CustodyBook:
                     asset=command.asset,
                     command=compute_command_bytes(command).decode("utf-8"),
                     recorded_at=moment,
+                    release_ack=accepted.release_ack_used,
                 )
             )
             entry_id = inserted.inserted_primary_key[0] if inserted.inserted_primary_key else None

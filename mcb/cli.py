@@ -49,12 +49,20 @@ from custodian.book import (
     Deposit,
     Pledge,
     RecordedEntry,
+    ReleaseAckVerifier,
+    SignedReleaseAckVerifier,
     Unpledge,
     Withdraw,
     compute_command_json,
+    record_release_ack_unverified,
+    validate_release_ack,
 )
 from custodian.epochs import compute_client_proof as compute_epoch_client_proof
-from custodian.instructions import create_instruction_consumer
+from custodian.instructions import (
+    create_instruction_consumer,
+    fetch_release_ack,
+    store_release_ack,
+)
 from custodian.prices import FilePriceSource
 from custodian.service import AttestationService, restore_epoch_state
 from custodian.store import CustodyBook
@@ -124,13 +132,18 @@ def _config(args: argparse.Namespace) -> CustodianConfig:
 
 
 @contextmanager
-def _open_book(config: CustodianConfig) -> Iterator[CustodyBook]:
+def _open_book(
+    config: CustodianConfig, *, verify_release_ack: ReleaseAckVerifier | None = None
+) -> Iterator[CustodyBook]:
     """The configured book, migrated to the current schema. A SQLite file's directory is
-    created (the default lives under ``var/``)."""
+    created (the default lives under ``var/``). ``verify_release_ack`` is the unpledge's hook."""
     url = make_url(config.database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(str(url.database)).parent.mkdir(parents=True, exist_ok=True)
-    with CustodyBook.open(config.database_url, assets=config.assets) as book:
+    hook = record_release_ack_unverified if verify_release_ack is None else verify_release_ack
+    with CustodyBook.open(
+        config.database_url, assets=config.assets, verify_release_ack=hook
+    ) as book:
         yield book
 
 
@@ -166,7 +179,7 @@ def _idempotency_key(args: argparse.Namespace) -> str:
     return key
 
 
-def _build_command(args: argparse.Namespace) -> Command:
+def _build_command(args: argparse.Namespace, *, release_ack: str | None = None) -> Command:
     quantity = parse_quantity(args.quantity)
     key = _idempotency_key(args)
     if args.action == "deposit":
@@ -175,13 +188,41 @@ def _build_command(args: argparse.Namespace) -> Command:
         return Withdraw(key, args.client, args.asset, quantity)
     if args.action == "pledge":
         return Pledge(key, args.client, args.asset, args.exchange, quantity)
-    return Unpledge(key, args.client, args.asset, args.exchange, quantity, args.release_ack)
+    if release_ack is None:
+        raise InvalidConfiguration("an unpledge needs the exchange's release acknowledgement")
+    return Unpledge(key, args.client, args.asset, args.exchange, quantity, release_ack)
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     command = _build_command(args)  # input errors before the database is touched
     with _open_book(_config(args)) as book:
         entry = book.apply(command)
+    print(json.dumps(compute_entry_json(entry), sort_keys=True))
+    return 0
+
+
+def _cmd_unpledge(args: argparse.Namespace) -> int:
+    """An unpledge under the exchange's signed release acknowledgement: ``--release-ack-file``
+    (verified and stored first) or ``--release-ack`` (the id of one the instructions consumer
+    stored). The book verifies it again at the command's time under ``--exchange-registry`` and
+    uses it once (:class:`custodian.book.SignedReleaseAckVerifier`)."""
+    parse_quantity(args.quantity)  # input errors before the database is touched
+    config = _config(args)
+    registry = KeyRegistry.from_wire(parse_json_object(Path(args.exchange_registry).read_bytes()))
+    now = truncate_to_millis(datetime.now(UTC))
+    ack_file = None if args.release_ack_file is None else Path(args.release_ack_file).read_bytes()
+    verifier = SignedReleaseAckVerifier(registry, custodian=config.custodian)
+    with _open_book(config, verify_release_ack=verifier) as book:
+        if ack_file is not None:
+            ack = store_release_ack(
+                book.engine, ack_file, registry=registry, custodian=config.custodian, now=now
+            )
+            release_id = ack.release_id
+        else:
+            release_id = validate_release_ack(args.release_ack)
+        command = _build_command(args, release_ack=release_id)
+        wire = fetch_release_ack(book.engine, release_id)
+        entry = book.apply(command, now=now, release_ack=wire)
     print(json.dumps(compute_entry_json(entry), sort_keys=True))
     return 0
 
@@ -491,10 +532,10 @@ def _add_custodian_parser(sub: Any) -> None:
         "deposit": "units arrive in custody for a client (external -> available)",
         "withdraw": "units leave custody (available -> external)",
         "pledge": "pledge available units to an exchange",
-        "unpledge": "release pledged units, with the exchange's release acknowledgement",
+        "unpledge": "release pledged units, with the exchange's signed release acknowledgement",
     }
     for name, help_text in movements.items():
-        parser = add(name, help_text, _cmd_apply)
+        parser = add(name, help_text, _cmd_unpledge if name == "unpledge" else _cmd_apply)
         parser.add_argument("--client", required=True)
         parser.add_argument("--asset", required=True)
         parser.add_argument(
@@ -503,8 +544,20 @@ def _add_custodian_parser(sub: Any) -> None:
         if name in ("pledge", "unpledge"):
             parser.add_argument("--exchange", required=True)
         if name == "unpledge":
+            ack = parser.add_mutually_exclusive_group(required=True)
+            ack.add_argument(
+                "--release-ack",
+                help="the release id of an acknowledgement the instructions consumer received",
+            )
+            ack.add_argument(
+                "--release-ack-file",
+                help="a signed release acknowledgement (JSON: the release_ack member of the "
+                "exchange's POST /v1/releases answer)",
+            )
             parser.add_argument(
-                "--release-ack", required=True, help="the exchange's release acknowledgement id"
+                "--exchange-registry",
+                required=True,
+                help="the key registry (JSON) holding the exchange's key",
             )
         parser.add_argument(
             "--idempotency-key",

@@ -11,14 +11,18 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from attestations.amounts import Price
 from attestations.canonical import truncate_to_millis
-from attestations.notices import MarginCall, sign_notice
+from attestations.keys import KeyRecord, KeyRegistry, KeyRole
+from attestations.notices import MarginCall, ReleaseAck, sign_notice
 from attestations.p256 import SoftwareP256Signer
 from attestations.statement import SignedStatement, StatementKind
 from attestations.translog import TransparencyLog
@@ -31,11 +35,27 @@ from bridge.envelope import (
     encode_statement,
 )
 from bridge.kafka import KafkaSettings, ensure_topics
-from bridge.outbox import OutboxRelay
+from bridge.outbox import OutboxRelay, run_transaction
 from bridge.topics import TopicCatalogue, TopicKind
-from custodian.instructions import InstructionConsumer, create_instruction_consumer
+from custodian.book import (
+    ReleaseAckReused,
+    ReleaseAckUnknown,
+    SignedReleaseAckVerifier,
+    Unpledge,
+    pledged_to,
+)
+from custodian.instructions import (
+    InstructionConsumer,
+    create_instruction_consumer,
+    fetch_release_ack,
+    release_acks_table,
+)
 from custodian.service import AttestationService
 from custodian.store import CustodyBook
+from exchange.desk import MarginDesk
+from exchange.ledger import CreditedStatement, MarginLedger, StreamHead
+from exchange.policy import CollateralPolicy
+from exchange.store import create_exchange_engine, migrate
 from tests.outbox_worker import catalogue_for
 from tests.service_worker import ASSETS, STREAM, change_pledges, fresh_cosigners, make_relay
 from tests.service_worker import open_service as open_worker_service
@@ -98,10 +118,15 @@ def book(database_url: str) -> Iterator[CustodyBook]:
 
 @asynccontextmanager
 async def serving(
-    book: CustodyBook, settings: KafkaSettings, tmp_path: Path
+    book: CustodyBook,
+    settings: KafkaSettings,
+    tmp_path: Path,
+    *,
+    registry: KeyRegistry | None = None,
 ) -> AsyncIterator[Custodian]:
     """The service's epoch loop, the relay and the instructions consumer, as ``serve`` runs
-    them; the first statement (a snapshot) and a delta are published before the block."""
+    them; the first statement (a snapshot) and a delta are published before the block.
+    ``registry`` lets the consumer verify release acknowledgements."""
     world = World()
     clock = Clock()
     catalogue = catalogue_for(f"t{secrets.token_hex(5)}.")
@@ -126,6 +151,7 @@ async def serving(
             recheck_s=0.2,
             backoff_initial_s=0.01,
             backoff_max_s=0.2,
+            registry=registry,
         )
         custodian = Custodian(book, service, relay, consumer, catalogue, clock)
         stop = asyncio.Event()
@@ -346,3 +372,159 @@ def test_the_consumer_refuses_a_service_of_another_stream(
         with pytest.raises(ConfigurationError, match="at least one"):
             create_instruction_consumer(custodian=CUSTODIAN, services=[], settings=kafka_settings)
     assert service.stream == STREAM
+
+
+RELEASE_KEY = SoftwareP256Signer(
+    insecure_development_only=True, private_scalar=seed("instructions-release-x")
+)
+OTHER_KEY = SoftwareP256Signer(
+    insecure_development_only=True, private_scalar=seed("instructions-release-y")
+)
+RELEASE_REGISTRY = KeyRegistry.of(
+    [
+        KeyRecord(EXCHANGE, KeyRole.EXCHANGE, RELEASE_KEY.public_key, NOW - timedelta(days=30)),
+        KeyRecord("exchange-y", KeyRole.EXCHANGE, OTHER_KEY.public_key, NOW - timedelta(days=30)),
+    ],
+    quorums={},
+)
+RELEASE_VERIFIER = SignedReleaseAckVerifier(RELEASE_REGISTRY, custodian=CUSTODIAN)
+EXCHANGE_KEY = RELEASE_KEY
+POLICY = CollateralPolicy.default()
+
+
+def credit(desk: MarginDesk, held: dict[tuple[str, str], int], *, at: datetime) -> None:
+    """Credit the desk's ledger as the attestation consumer would, with a statement at ``at``."""
+    stream = f"{CUSTODIAN}/{EXCHANGE}"
+    head = StreamHead(
+        stream=stream,
+        custodian=CUSTODIAN,
+        sequence=1,
+        digest=bytes(32),
+        kind="snapshot",
+        issued_at=at,
+        expires_at=at + timedelta(hours=1),
+    )
+    statement = CreditedStatement(
+        stream=stream,
+        custodian=CUSTODIAN,
+        head=head,
+        changed=held,
+        snapshot=True,
+        prices={"BTC": Price.parse(asset="BTC", quote="USD", text="60000.00")},
+    )
+    with desk.lock:
+        change = desk.ledger.plan_statement(statement, now=at)
+        after, _ = run_transaction(desk.engine, lambda s: desk.stage(s, change), what="credit")
+        after()
+
+
+def release_ack_body(now: datetime) -> ReleaseAck:
+    return ReleaseAck(
+        exchange=EXCHANGE,
+        custodian=CUSTODIAN,
+        client="client-001",
+        asset="BTC",
+        quantity=500,
+        issued_at=now,
+        expires_at=now + timedelta(minutes=5),
+    )
+
+
+# --- release acknowledgements: exchange desk -> broker -> this consumer -> unpledge ---------------
+
+
+@pytest.mark.broker
+async def test_the_whole_path_releases_once(
+    database_url: str, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    with CustodyBook.open(database_url, assets=ASSETS, verify_release_ack=RELEASE_VERIFIER) as book:
+        async with serving(book, kafka_settings, tmp_path, registry=RELEASE_REGISTRY) as custodian:
+            engine = create_exchange_engine(database_url)
+            try:
+                migrate(engine)
+                desk = MarginDesk(
+                    ledger=MarginLedger(POLICY, decimals={"BTC": 8, "USDC": 6}),
+                    engine=engine,
+                    exchange=EXCHANGE,
+                    signer=EXCHANGE_KEY,
+                    catalogue=custodian.catalogue,
+                )
+                at = custodian.clock()
+                credit(desk, {("client-001", "BTC"): 1001}, at=at)
+                relay = OutboxRelay(
+                    engine,
+                    kafka_settings,
+                    catalogue=custodian.catalogue,
+                    poll_interval_s=0.05,
+                    loss_check_interval_s=3_600.0,
+                )
+                release = await asyncio.to_thread(
+                    desk.release, "client-001", CUSTODIAN, "BTC", 400, custodian.clock()
+                )
+                assert release.ack is not None
+                release_id = release.ack.notice.release_id  # type: ignore[union-attr]
+                async with running(relay):
+                    await eventually(
+                        lambda: custodian.consumer.instruction_metrics.release_acks == 1
+                    )
+                wire = fetch_release_ack(book.engine, release_id)
+                assert wire == release.ack.encode()
+                command = Unpledge("u-release", "client-001", "BTC", EXCHANGE, 400, release_id)
+                entry = await asyncio.to_thread(
+                    book.apply, command, now=custodian.clock(), release_ack=wire
+                )
+                assert entry.postings[0].account.sub_account == pledged_to(EXCHANGE)
+                assert book.pledged(EXCHANGE)[("client-001", "BTC")] == 601
+                again = Unpledge("u-again", "client-001", "BTC", EXCHANGE, 1, release_id)
+                with pytest.raises(ReleaseAckReused):
+                    book.apply(again, now=custodian.clock(), release_ack=wire)
+                assert book.pledged(EXCHANGE)[("client-001", "BTC")] == 601
+            finally:
+                engine.dispose()
+
+
+@pytest.mark.broker
+async def test_bad_acknowledgements_on_the_topic_are_dead_lettered(
+    database_url: str, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    with CustodyBook.open(database_url, assets=ASSETS) as book:
+        async with serving(book, kafka_settings, tmp_path, registry=RELEASE_REGISTRY) as custodian:
+            now = custodian.clock()
+            good = release_ack_body(now)
+
+            def record(body: ReleaseAck, key: SoftwareP256Signer = EXCHANGE_KEY) -> Any:
+                return encode_notice(sign_notice(body, key), catalogue=custodian.catalogue)
+
+            forged = record(good, OTHER_KEY)
+            tampered = with_value(
+                record(good),
+                record(good).value.replace(b'"quantity":"500"', b'"quantity":"600"'),
+            )
+            bad = [
+                ("unknown_key", forged),
+                (
+                    "expired",
+                    record(
+                        replace(
+                            good,
+                            issued_at=now - timedelta(minutes=30),
+                            expires_at=now - timedelta(minutes=20),
+                        )
+                    ),
+                ),
+                ("wrong_custodian", record(replace(good, custodian="custodian-b"))),
+                ("unknown_stream", record(replace(good, exchange="exchange-y"), OTHER_KEY)),
+                ("malformed", tampered),  # the release id no longer matches
+            ]
+            await publish_all(kafka_settings, [m for _, m in bad] + [record(good), record(good)])
+            await eventually(lambda: custodian.consumer.metrics.dead_letters == len(bad))
+            await eventually(lambda: custodian.consumer.instruction_metrics.release_acks == 2)
+            assert await dead_letter_reasons(custodian, len(bad)) == [r for r, _ in bad]
+
+            def stored(session: Any) -> list[str]:
+                rows = session.connection().execute(select(release_acks_table.c.release_id))
+                return [str(row[0]) for row in rows]
+
+            assert run_transaction(book.engine, stored, what="acks") == [good.release_id]
+            with pytest.raises(ReleaseAckUnknown):
+                fetch_release_ack(book.engine, "00" * 32)

@@ -10,7 +10,8 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import Engine, select
 
 from attestations.amounts import Asset, Price
-from attestations.canonical import compute_canonical_bytes
+from attestations.canonical import compute_canonical_bytes, truncate_to_millis
 from attestations.errors import BridgeError, ConfigurationError
 from attestations.keys import KeyRecord, KeyRegistry, KeyRole
 from attestations.notices import (
@@ -428,3 +429,98 @@ async def test_the_release_route(api: TestClient[web.Request, web.Application]) 
         assert (await post("alice", bad))[0] == 400, bad
     response = await api.post("/v1/releases", json=body())
     assert response.status == 401
+
+
+# --- mcb custodian unpledge -----------------------------------------------------------------------
+
+
+def test_the_cli_unpledges_once_with_a_signed_acknowledgement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mcb.cli import main
+    from mcb.config import DEFAULT_CUSTODIAN
+
+    monkeypatch.setenv("MCB_DATABASE_URL", f"sqlite:///{tmp_path / 'custodian.sqlite3'}")
+    monkeypatch.delenv("MCB_CONFIG", raising=False)
+    now = truncate_to_millis(datetime.now(UTC))
+    registry_file = tmp_path / "exchange-registry.json"
+    registry = KeyRegistry.of(
+        [KeyRecord(EXCHANGE, KeyRole.EXCHANGE, EXCHANGE_KEY.public_key, now - timedelta(days=1))],
+        quorums={},
+    )
+    registry_file.write_bytes(compute_canonical_bytes(registry.to_wire()))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        status = main(["custodian", *argv])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    common = ("--client", "alice", "--asset", "BTC")
+    assert run("deposit", *common, "--quantity", str(BTC), "--idempotency-key", "d")[0] == 0
+    pledge = ("pledge", *common, "--quantity", str(BTC), "--exchange", EXCHANGE)
+    assert run(*pledge, "--idempotency-key", "p")[0] == 0
+
+    def ack_file(name: str, **changes: Any) -> Path:
+        body = ack(
+            custodian=DEFAULT_CUSTODIAN,
+            issued_at=now,
+            expires_at=now + timedelta(minutes=15),
+            **changes,
+        )
+        path = tmp_path / name
+        path.write_bytes(signed(body))
+        return path
+
+    def unpledge_with(key: str, quantity: int, *source: str) -> tuple[int, str, str]:
+        return run(
+            "unpledge",
+            *common,
+            "--quantity",
+            str(quantity),
+            "--exchange",
+            EXCHANGE,
+            "--exchange-registry",
+            str(registry_file),
+            "--idempotency-key",
+            key,
+            *source,
+        )
+
+    first = ack_file("ack.json")
+    status, out, err = unpledge_with("u-1", BTC // 4, "--release-ack-file", str(first))
+    assert status == 0, err
+    entry = json.loads(out)
+    release_id = entry["command"]["release_ack"]
+    assert release_id == SignedNotice.decode(first.read_bytes()).notice.release_id  # type: ignore[union-attr]
+    # The same command again is a retry; another command under the same acknowledgement is not.
+    assert unpledge_with("u-1", BTC // 4, "--release-ack", release_id)[0] == 0
+    status, _, err = unpledge_with("u-2", 1, "--release-ack", release_id)
+    assert status == 2
+    assert "release_ack_reused" in err
+    for path, quantity, reason_code in (
+        (ack_file("big.json"), BTC // 2 + 1, "release_ack_exceeded"),
+        (ack_file("bob.json", client="bob"), 1, "release_ack_mismatch"),
+    ):
+        status, _, err = unpledge_with("u-3", quantity, "--release-ack-file", str(path))
+        assert status == 2
+        assert reason_code in err, err
+    forged = tmp_path / "forged.json"
+    forged.write_bytes(
+        sign_notice(
+            ack(
+                custodian=DEFAULT_CUSTODIAN,
+                issued_at=now,
+                expires_at=now + timedelta(minutes=15),
+                quantity=7,
+            ),
+            OTHER_KEY,
+        ).encode()
+    )
+    status, _, err = unpledge_with("u-4", 1, "--release-ack-file", str(forged))
+    assert status == 2
+    assert "unknown_key" in err
+    status, _, err = unpledge_with("u-5", 1, "--release-ack", "ff" * 32)
+    assert status == 2
+    assert "release_ack_unknown" in err
+    status, out, _ = run("show-pledged", "--exchange", EXCHANGE, "--format", "json")
+    assert json.loads(out)[0]["units"] == str(3 * BTC // 4)
