@@ -4,13 +4,18 @@ configuration parsing (file + environment) with its errors."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from attestations.amounts import Asset
+from attestations.canonical import compute_canonical_bytes, truncate_to_millis
 from attestations.disclosure import ClientProof, verify_client_proof
+from attestations.keys import KeyRecord, KeyRegistry, KeyRole
+from attestations.notices import ReleaseAck, sign_notice
+from attestations.p256 import SoftwareP256Signer
 from attestations.signing import Cosigner
 from attestations.statement import SignedStatement
 from attestations.translog import TransparencyLog
@@ -20,6 +25,7 @@ from custodian.store import CustodyBook
 from mcb.cli import main
 from mcb.config import (
     DEFAULT_ASSETS,
+    DEFAULT_CUSTODIAN,
     DEFAULT_DATABASE_URL,
     InvalidConfiguration,
     load_config,
@@ -62,8 +68,33 @@ PLEDGE = ("--exchange", EXCHANGE)
 # --- movements ----------------------------------------------------------------------------------
 
 
+def signed_release(tmp_path: Path, *, quantity: int) -> tuple[Path, Path, str]:
+    """An exchange key registry file and a release acknowledgement for alice's BTC signed with
+    that key, valid now: (registry file, acknowledgement file, release id)."""
+    key = SoftwareP256Signer(insecure_development_only=True, private_scalar=seed("exchange-one"))
+    now = truncate_to_millis(datetime.now(UTC))
+    registry = KeyRegistry.of(
+        [KeyRecord(EXCHANGE, KeyRole.EXCHANGE, key.public_key, now - timedelta(days=1))],
+        quorums={},
+    )
+    registry_file = tmp_path / "exchange-registry.json"
+    registry_file.write_bytes(compute_canonical_bytes(registry.to_wire()))
+    body = ReleaseAck(
+        exchange=EXCHANGE,
+        custodian=DEFAULT_CUSTODIAN,
+        client="alice",
+        asset="BTC",
+        quantity=quantity,
+        issued_at=now,
+        expires_at=now + timedelta(minutes=15),
+    )
+    ack_file = tmp_path / "release-ack.json"
+    ack_file.write_bytes(sign_notice(body, key).encode())
+    return registry_file, ack_file, body.release_id
+
+
 def test_deposit_pledge_unpledge_withdraw_print_their_journal_entries(
-    database_url: str, capsys: pytest.CaptureFixture[str]
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     deposit = run_json(capsys, *args("deposit", "150000000", "d-1"))
     assert deposit["entry_id"] == 1
@@ -81,10 +112,10 @@ def test_deposit_pledge_unpledge_withdraw_print_their_journal_entries(
     ]
     pledge = run_json(capsys, *args("pledge", "100000000", "p-1", *PLEDGE))
     assert pledge["postings"][1]["sub_account"] == f"pledged:{EXCHANGE}"
-    unpledge = run_json(
-        capsys, *args("unpledge", "40000000", "u-1", *PLEDGE, "--release-ack", "ack-7")
-    )
-    assert unpledge["command"]["release_ack"] == "ack-7"
+    registry_file, ack_file, release_id = signed_release(tmp_path, quantity=40000000)
+    release = ("--exchange-registry", str(registry_file), "--release-ack-file", str(ack_file))
+    unpledge = run_json(capsys, *args("unpledge", "40000000", "u-1", *PLEDGE, *release))
+    assert unpledge["command"]["release_ack"] == release_id
     withdraw = run_json(capsys, *args("withdraw", "10000000", "w-1"))
     assert withdraw["entry_id"] == 4
 

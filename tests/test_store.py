@@ -101,6 +101,7 @@ def test_migrations_build_exactly_the_schema_of_the_models(database_url: str) ->
         "book_postings",
         "attestation_statements",  # custodian.service: the epochs' record of what was attested
         "attested_leaves",
+        "book_release_acks",  # release acknowledgements received and verified, by release id
         migrations.VERSION_TABLE,
     }
 
