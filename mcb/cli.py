@@ -70,6 +70,8 @@ from mcb.config import ENV_HSM_PIN, CustodianConfig, InvalidConfiguration, load_
 from mcb.demo import run_demo
 from mcb.exchange_cli import add_exchange_parser
 
+logger = logging.getLogger(__name__)
+
 _FRACTION_RE: Final = re.compile(r"[+-]?(?:[0-9]*\.[0-9]*|[0-9.]+[eE][+-]?[0-9]+)")
 """What a float looks like on the command line: refused as money, never rounded."""
 
@@ -442,8 +444,23 @@ async def serve(
         # The in-process co-signers start without any record of the stream and accept only a
         # snapshot first: without this, a restarted serve would have every delta refused.
         service.request_snapshot()
+        exchange_registry = (
+            None
+            if serve_config.exchange_registry_file is None
+            else KeyRegistry.from_wire(
+                parse_json_object(Path(serve_config.exchange_registry_file).read_bytes())
+            )
+        )
+        if exchange_registry is None:
+            logger.warning(
+                "no [serve] exchange_registry_file: release acknowledgements on the instructions "
+                "topic will be dead-lettered, unpledges need --release-ack-file"
+            )
         instructions = create_instruction_consumer(
-            custodian=config.custodian, services=[service], settings=kafka
+            custodian=config.custodian,
+            services=[service],
+            settings=kafka,
+            registry=exchange_registry,
         )
         app = create_app(service=service, tokens=tokens, log=log, signer=signer)
         tasks = [

@@ -29,6 +29,7 @@ The file (every key optional; the defaults are shown)::
     token_file = "..."                # required by serve: "<sha256 hex> <principal>" lines
     price_file = "..."                # required by serve: a JSON price document
     cosigner_seeds_file = "..."       # DEVELOPMENT ONLY: one hex seed per line, in-process
+    exchange_registry_file = "..."    # exchange key registry: verifies release acknowledgements
     quorum = 2
     interval_s = 60.0
     debounce_s = 0.05
@@ -123,7 +124,15 @@ SUPPORTED_BACKENDS: Final = frozenset({"sqlite", "postgresql"})
 _SECTIONS: Final = frozenset({"custodian", "assets", "kafka", "serve", "hsm", "exchange"})
 _CUSTODIAN_KEYS: Final = frozenset({"id", "database_url", "salt_secret_file"})
 _SERVE_STRINGS: Final = frozenset(
-    {"exchange", "translog_path", "host", "token_file", "price_file", "cosigner_seeds_file"}
+    {
+        "exchange",
+        "translog_path",
+        "host",
+        "token_file",
+        "price_file",
+        "cosigner_seeds_file",
+        "exchange_registry_file",
+    }
 )
 _SERVE_NUMBERS: Final = frozenset({"port", "quorum", "interval_s", "debounce_s"})
 _HSM_KEYS: Final = frozenset({"library_path", "token_label", "key_label", "pin_file"})
@@ -172,6 +181,9 @@ class ServeConfig:
     token_file: str | None = None
     price_file: str | None = None
     cosigner_seeds_file: str | None = None
+    exchange_registry_file: str | None = None
+    """The exchange's key registry (JSON): release acknowledgements arriving on the instructions
+    topic are verified under it and kept for unpledges; without it they are dead-lettered."""
     quorum: int = 2
     interval_s: float = DEFAULT_INTERVAL_S
     debounce_s: float = DEFAULT_DEBOUNCE_S

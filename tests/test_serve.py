@@ -22,8 +22,14 @@ from typing import Any
 import pytest
 
 from attestations.amounts import Price
-from attestations.canonical import parse_json_object, truncate_to_millis
+from attestations.canonical import (
+    compute_canonical_bytes,
+    parse_json_object,
+    truncate_to_millis,
+)
 from attestations.disclosure import ClientProof, verify_client_proof
+from attestations.keys import KeyRecord, KeyRegistry, KeyRole
+from attestations.p256 import SoftwareP256Signer
 from attestations.statement import PricePoint, SignedStatement
 from custodian.api import compute_token_hash
 from mcb.config import InvalidConfiguration, parse_config
@@ -44,6 +50,13 @@ def write_config(tmp_path: Path, token: str) -> Path:
     (tmp_path / "cosigners").write_text(
         "# development co-signers\n" + "".join(secrets.token_hex(32) + "\n" for _ in range(3))
     )
+    exchange_key = SoftwareP256Signer(insecure_development_only=True)
+    exchange_registry = KeyRegistry.of(
+        [KeyRecord(EXCHANGE, KeyRole.EXCHANGE, exchange_key.public_key, now)], quorums={}
+    )
+    (tmp_path / "exchange-registry.json").write_bytes(
+        compute_canonical_bytes(exchange_registry.to_wire())
+    )
     config = tmp_path / "mcb.toml"
     config.write_text(
         f"""
@@ -58,6 +71,7 @@ port = 0
 token_file = "{tmp_path}/tokens"
 price_file = "{tmp_path}/prices.json"
 cosigner_seeds_file = "{tmp_path}/cosigners"
+exchange_registry_file = "{tmp_path}/exchange-registry.json"
 interval_s = 0.5
 """
     )
@@ -161,6 +175,8 @@ def test_serve_publishes_statements_and_proofs_and_stops_cleanly_on_sigterm(
             process.communicate()
     assert process.returncode == 0, stderr
     assert "--software-key" in stderr
+    # The exchange's registry was loaded: release acknowledgements are verified, not refused.
+    assert "no [serve] exchange_registry_file" not in stderr
     assert stdout == ""  # everything after the address line went to the log, on stderr
 
 
@@ -187,5 +203,6 @@ def test_serve_configuration_defaults() -> None:
         8080,
         "var/translog.sqlite3",
     )
+    assert serve.exchange_registry_file is None
     with pytest.raises(InvalidConfiguration, match="serve needs exchange"):
         serve.require("exchange")
