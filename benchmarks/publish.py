@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -137,9 +138,12 @@ class PledgeSample:
 def open_signer(workdir: Path, *, softhsm: bool) -> DigestSigner:
     if not softhsm:
         return SoftwareP256Signer(insecure_development_only=True)
-    from mcb.demo import open_custodian_signer
+    from mcb.demo import open_signers
 
-    return open_custodian_signer(workdir, software_key=False, say=print)
+    # The token stays open until the process exits (the stack is never unwound: a benchmark run
+    # is one process).
+    keys = open_signers(workdir, software_key=False, say=print, stack=contextlib.ExitStack())
+    return keys.custodian
 
 
 def sample_prices(now: datetime) -> StaticPriceSource:

@@ -48,10 +48,9 @@ from custodian.instructions import (
     InstructionConsumer,
     create_instruction_consumer,
     fetch_release_ack,
-    release_acks_table,
 )
 from custodian.service import AttestationService
-from custodian.store import CustodyBook
+from custodian.store import CustodyBook, release_acks_table
 from exchange.desk import MarginDesk
 from exchange.ledger import CreditedStatement, MarginLedger, StreamHead
 from exchange.policy import CollateralPolicy
