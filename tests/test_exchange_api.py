@@ -392,6 +392,8 @@ def test_the_openapi_document_describes_exactly_the_routes(desk: MarginDesk) -> 
         for path, item in document["paths"].items()
         for method in item
         if method in {"get", "put", "post", "delete", "patch"}
+        # Routes the exchange process adds to the app (exchange/service.py), tested there.
+        and item.get("x-mcb-served-by") != "exchange.service"
     }
     app = create_app(desk=desk, tokens=tokens())
     served = {
@@ -402,8 +404,10 @@ def test_the_openapi_document_describes_exactly_the_routes(desk: MarginDesk) -> 
     assert served == documented == {(m, p) for m, p, _ in ROUTES}
     for path, item in document["paths"].items():
         for method, operation in item.items():
+            if method.startswith("x-"):
+                continue
             assert "200" in operation["responses"], (method, path)
-            if path != "/health":
+            if not path.startswith("/health"):
                 assert {"400", "401", "403"} <= set(operation["responses"]), (method, path)
 
 
