@@ -323,6 +323,11 @@ class ConsumerBase(abc.ABC):
 
         return run_transaction(self.engine, work, what="reading offsets")
 
+    @property
+    def assigned(self) -> frozenset[TopicPartition]:
+        """The partitions this instance reads now (given by the group, or all without one)."""
+        return frozenset(self._assigned)
+
     def forget(self, revoked: set[TopicPartition]) -> None:
         """Drop what is buffered for partitions no longer ours (a rebalance took them)."""
         self._assigned -= revoked

@@ -18,6 +18,14 @@ statement and its whole leaf disclosure) :meth:`~AttestationConsumer.apply`:
    with the consumer's progress, or not at all;
 5. returns the after-commit step: apply the trees plan and the ledger change in memory.
 
+Several instances of one consumer group may share the database (a rebalance hands a partition
+from one to another). An instance reloads the ledger and the receiver state from the database
+whenever partitions are assigned to it (:meth:`~AttestationConsumer.position`), and every
+transaction that plans against a stream first reads the stream's stored status (locked until the
+commit) and compares it with memory: when another writer moved it, the instance reloads and the
+base retries (:class:`StaleStreamState`, transient) instead of persisting a plan made against
+an old head. The store refuses a head that would go backwards in any case.
+
 A refused statement is dead-lettered by the base; :meth:`~AttestationConsumer.rejected` adds, in
 the dead letter's transaction: for a fork, the stream's freeze, an alert row and an error log;
 for a sequence gap (unless the stream already awaits a snapshot), the mark "awaiting snapshot" and
@@ -38,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Self
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -49,6 +58,7 @@ from attestations.errors import (
     ForkDetected,
     InvariantViolation,
     SequenceGap,
+    TransientError,
     WrongStream,
 )
 from attestations.keys import KeyRegistry
@@ -67,12 +77,20 @@ from bridge.topics import (
 )
 from exchange.desk import MarginDesk
 from exchange.errors import StreamFrozen
-from exchange.ledger import CreditedStatement, Holding, LedgerChange, MarginLedger, StreamHead
+from exchange.ledger import (
+    CreditedStatement,
+    Holding,
+    LedgerChange,
+    MarginLedger,
+    StreamHead,
+    StreamStatus,
+)
 from exchange.policy import CollateralPolicy
 from exchange.store import (
     StoredStream,
     check_schema,
     load_ledger,
+    load_stream_status,
     migrate,
     persist_change,
     persist_notices,
@@ -86,9 +104,36 @@ FORK_ALERT: Final = "fork"
 SNAPSHOT_REQUEST_REASON: Final = "sequence_gap"
 
 
+class StaleStreamState(TransientError):
+    """The stream's stored status (head, freeze, awaited snapshot) is not the one this instance
+    planned against: another instance of the consumer group, or a tool, committed since. The
+    consumer reloaded the ledger from the database; retrying plans against the stored state."""
+
+    reason = "stale_stream_state"
+
+
 def _utc_now() -> datetime:
     # Whole milliseconds, as every signed time: the verifier refuses a finer ``now``.
     return truncate_to_millis(datetime.now(UTC))
+
+
+def _plan_key(status: StreamStatus | None) -> tuple[int | None, bytes | None, bool, int | None]:
+    """What a plan for a stream depends on: its head, whether it is frozen, the snapshot it
+    awaits (no status at all is the same as a stream with no head, not frozen)."""
+    if status is None:
+        return None, None, False, None
+    head = status.head
+    return (
+        None if head is None else head.sequence,
+        None if head is None else head.digest,
+        status.frozen,
+        status.awaiting_snapshot_from,
+    )
+
+
+def _describe(status: StreamStatus | None) -> str:
+    sequence, _, frozen, awaiting = _plan_key(status)
+    return f"head {sequence}, frozen {frozen}, awaiting {awaiting}"
 
 
 def _awaited(awaiting: int | None, stored: StoredStream) -> int | None:
@@ -166,6 +211,9 @@ class AttestationMetrics:
     """Streams frozen after a fork."""
     snapshot_requests: int = 0
     notices: int = 0
+    reloads: int = 0
+    """Ledger and receiver state reloaded from the database: on a partition assignment, and
+    when a transaction found the stream's stored status ahead of memory."""
 
 
 @dataclass
@@ -260,6 +308,63 @@ class AttestationConsumer(ConsumerBase):
         finally:
             self._loop = None
 
+    # --- state from the database ----------------------------------------------------------------
+
+    async def position(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        """Reload the ledger and the receiver state from the database whenever partitions are
+        newly assigned, then seek (the base). Another instance of the consumer group may have
+        credited the statements of these partitions since this one loaded its state; planning
+        against that old state would refuse the next statement as a gap and ask for a snapshot
+        from the old head. (The base's periodic position check re-seeks partitions already
+        held: no reload then.)"""
+        if any(tp not in self.assigned for tp in partitions):
+            await asyncio.to_thread(self.reload)
+        await ConsumerBase.position(self, consumer, partitions)
+
+    def reload(self) -> None:
+        """Replace the ledger's state and the receiver state of every stream with what the
+        database holds, under the effect lock (so no plan is under way), in place: the desk and
+        the service keep the same objects."""
+        with self._effect_lock():
+            self._reload()
+
+    def _reload(self) -> None:
+        """:meth:`reload`, the caller holding the effect lock. Reads its own snapshot of the
+        database (no write lock), so a transaction in progress may call it."""
+        if self.policy is None:
+            raise InvariantViolation("the consumer lost its policy")
+        loaded, streams = load_ledger(self.engine, self.policy, self.decimals)
+        ledger = self.margin_ledger
+        if self.desk is not None:
+            with self.desk.changing_ledger():
+                ledger.reset(loaded)
+        else:
+            ledger.reset(loaded)
+        if self.streams is None:
+            self.streams = streams
+        else:
+            self.streams.clear()
+            self.streams.update(streams)
+        self.exchange_metrics.reloads += 1
+
+    def _check_current(self, session: Session, stream: str) -> None:
+        """Raise StaleStreamState, after reloading, unless the stream's status stored in the
+        database is the one in memory. Read inside the caller's transaction and kept locked
+        there (``FOR UPDATE`` on PostgreSQL; SQLite's transaction holds the write lock), so
+        what is planned next stays planned against the stored head until the commit."""
+        stored = load_stream_status(session, stream, lock=True)
+        memory = self.margin_ledger.stream_status(stream)
+        if _plan_key(stored) == _plan_key(memory):
+            return
+        logger.warning(
+            "%s: the database holds %s, memory %s: another writer moved the stream; reloading",
+            stream,
+            _describe(stored),
+            _describe(memory),
+        )
+        self._reload()
+        raise StaleStreamState(f"{stream} moved in the database since it was loaded")
+
     # --- accessors (for the service and tests) --------------------------------------------------
 
     @property
@@ -302,6 +407,7 @@ class AttestationConsumer(ConsumerBase):
 
     def apply(self, session: Session, delivery: Delivery) -> AfterCommit | None:
         stream, custodian, exchange = self._check_stream(delivery.stream)
+        self._check_current(session, stream)
         ledger = self.margin_ledger
         status = ledger.stream_status(stream)
         if status is not None and status.frozen:
@@ -404,6 +510,7 @@ class AttestationConsumer(ConsumerBase):
     def _freeze(
         self, session: Session, stream: str, delivery: Delivery, error: ForkDetected
     ) -> AfterCommit | None:
+        self._check_current(session, stream)
         ledger = self.margin_ledger
         now = self.clock()
         reason = f"fork at sequence {delivery.sequence}: {error}"[:1000]
@@ -421,6 +528,7 @@ class AttestationConsumer(ConsumerBase):
     def _request_snapshot(
         self, session: Session, stream: str, custodian: str, exchange: str
     ) -> AfterCommit | None:
+        self._check_current(session, stream)
         ledger = self.margin_ledger
         status = ledger.stream_status(stream)
         head = None if status is None else status.head

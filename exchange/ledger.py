@@ -1472,3 +1472,30 @@ class MarginLedger:
                 )
                 for kind in transition.notices
             )
+
+    # --- replacing the whole state --------------------------------------------------------------
+
+    def reset(self, loaded: MarginLedger) -> None:
+        """Take the whole state of ``loaded`` (a ledger just rebuilt from the database, see
+        :func:`exchange.store.load_ledger`) in place of this one's, and move to a new
+        generation, so that a change planned before the reset can never be applied after it.
+        For a writer that learns the database moved under it (another instance of its consumer
+        group wrote there): everyone holding this ledger sees the reloaded state. ``loaded``
+        hands over its containers and must not be used afterwards. The policy stays this
+        ledger's; the asset tables must be equal (InvariantViolation otherwise). Like
+        :meth:`apply`, call it under the writers' lock (the desk brackets it for its readers)."""
+        if loaded is self:
+            raise InvariantViolation("a ledger cannot be reset to itself")
+        if dict(loaded.decimals) != dict(self.decimals):
+            raise InvariantViolation("a ledger reset to one with another asset table")
+        self._streams = loaded._streams
+        self._positions = loaded._positions
+        self._prices = loaded._prices
+        self._exposures = loaded._exposures
+        self._margins = loaded._margins
+        self._releases = loaded._releases
+        self._holdings = loaded._holdings
+        self._stream_clients = loaded._stream_clients
+        self._stream_assets = loaded._stream_assets
+        self._exposed = loaded._exposed
+        self.generation += 1

@@ -10,10 +10,14 @@ What this module does:
   of its stream (the signed statement as the stream's last, its digest in the stream's history,
   the disclosed leaves); :func:`persist_change`: what a :class:`~exchange.ledger.LedgerChange`
   changes (stream statuses, prices, exposures, margin states, journal entries). Both write through
-  the caller's session, inside the caller's transaction, and commit nothing;
+  the caller's session, inside the caller's transaction, and commit nothing. A stream's stored
+  head never goes back: a status whose head is older than the stored one, or another statement
+  at its sequence, is refused (InvariantViolation), whoever planned it against what;
 * :func:`load_ledger`: the :class:`~exchange.ledger.MarginLedger` and, per stream, the receiver's
-  trees, chain head and digest history, as the tables hold them; the leaves are checked to rebuild
-  exactly the roots the stream's last statement signs (damaged tables raise InvariantViolation);
+  trees, chain head and digest history, as the tables hold them, from one snapshot; the leaves are
+  checked to rebuild exactly the roots the stream's last statement signs (damaged tables raise
+  InvariantViolation); :func:`load_stream_status`: one stream's stored status inside the
+  caller's transaction, for a writer to check it planned against the stored head;
 * alerts (record, list, resolve), stored notices, and pages of the journal.
 
 The leaves table is both the receiver's trees (with each leaf's position and salt) and the
@@ -41,6 +45,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    ColumnElement,
     Engine,
     Index,
     LargeBinary,
@@ -52,9 +57,11 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
     bindparam,
     delete,
     insert,
+    or_,
     select,
     update,
 )
@@ -69,6 +76,7 @@ from attestations.errors import (
     AmountError,
     ConfigurationError,
     CounterpartyError,
+    DecodeError,
     FloatRejected,
     InvariantViolation,
     TransientError,
@@ -91,6 +99,7 @@ from exchange.ledger import (
     Notice,
     StreamHead,
     StreamStatus,
+    compute_pending_releases,
 )
 from exchange.policy import CollateralPolicy, MarginState
 
@@ -669,13 +678,38 @@ def _persist_status(
     elif frozen_at is not None:
         values["frozen_at"] = frozen_at
     # else: still frozen since the time already stored.
-    _upsert(
-        session,
-        streams_table,
-        keys={"stream": stream},
-        values=values,
-        insert_only={"custodian": custodian},
+    # The stored head only moves forward: a status planned against a stale in-memory head (an
+    # instance that missed what another one committed) must not write an older or emptier head
+    # over the stored one. The condition is part of the upsert, so it holds against concurrent
+    # writers too (PostgreSQL evaluates it on the row as committed, after waiting for its lock).
+    c = streams_table.c
+    keeps_head: ColumnElement[bool]
+    if head is None:
+        keeps_head = c.sequence.is_(None)
+    else:
+        keeps_head = or_(
+            c.sequence.is_(None),
+            c.sequence < head.sequence,
+            and_(c.sequence == head.sequence, c.digest == head.digest),
+        )
+    dialect = session.get_bind().dialect.name
+    builder = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    result = session.connection().execute(
+        builder(streams_table)
+        .values(stream=stream, custodian=custodian, **values)
+        .on_conflict_do_update(index_elements=["stream"], set_=values, where=keeps_head)
+        .returning(streams_table.c.stream)
     )
+    if result.first() is None:  # the row exists and the condition refused the update
+        stored = load_stream_status(session, stream, lock=False)
+        raise InvariantViolation(
+            f"{stream}: refusing to store head {_describe(head)} over the stored head "
+            f"{_describe(None if stored is None else stored.head)}: a head never goes back"
+        )
+
+
+def _describe(head: StreamHead | None) -> str:
+    return "none" if head is None else f"#{head.sequence} {head.digest.hex()[:16]}"
 
 
 _JOURNAL_COLUMNS: Final = (
@@ -878,25 +912,23 @@ def journal_page(
     query = query.order_by(journal_table.c.id).limit(limit)
 
     def work(session: Session) -> list[tuple[int, JournalEntry]]:
-        return [
-            (
-                int(row.id),
-                JournalEntry(
-                    at=row.at,
-                    kind=str(row.kind),
-                    client=row.client,
-                    stream=row.stream,
-                    asset=row.asset,
-                    sequence=None if row.sequence is None else int(row.sequence),
-                    quantity=row.quantity,
-                    value=row.value,
-                    detail=json.loads(row.detail),
-                ),
-            )
-            for row in session.connection().execute(query)
-        ]
+        return [(int(row.id), _journal_entry(row)) for row in session.connection().execute(query)]
 
     return run_transaction(engine, work, what="reading the journal")
+
+
+def _journal_entry(row: Any) -> JournalEntry:
+    return JournalEntry(
+        at=row.at,
+        kind=str(row.kind),
+        client=row.client,
+        stream=row.stream,
+        asset=row.asset,
+        sequence=None if row.sequence is None else int(row.sequence),
+        quantity=row.quantity,
+        value=row.value,
+        detail=json.loads(row.detail),
+    )
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -920,29 +952,46 @@ class _StreamRow:
     depths: dict[str, int]
 
 
+def _status_of(row: Any) -> StreamStatus:
+    head = None
+    if row.sequence is not None:
+        head = StreamHead(
+            stream=row.stream,
+            custodian=row.custodian,
+            sequence=int(row.sequence),
+            digest=bytes(row.digest),
+            kind=str(row.kind),
+            issued_at=row.issued_at,
+            expires_at=row.expires_at,
+        )
+    return StreamStatus(
+        head=head,
+        frozen=bool(row.frozen),
+        frozen_reason=row.frozen_reason,
+        awaiting_snapshot_from=(
+            None if row.awaiting_snapshot_from is None else int(row.awaiting_snapshot_from)
+        ),
+        stream=row.stream,
+    )
+
+
+def load_stream_status(session: Session, stream: str, *, lock: bool) -> StreamStatus | None:
+    """The stored status of ``stream`` (head, freeze, awaited snapshot), None before its first
+    row, read through ``session``. With ``lock`` the row stays locked until the caller's
+    transaction ends (``FOR UPDATE`` on PostgreSQL; a SQLite transaction holds the write lock
+    from its ``BEGIN IMMEDIATE`` anyway), so a writer that compares it with what it planned
+    against keeps it that way until it commits."""
+    query = select(streams_table).where(streams_table.c.stream == stream)
+    if lock and session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = session.connection().execute(query).first()
+    return None if row is None else _status_of(row)
+
+
 def _stream_rows(session: Session) -> dict[str, _StreamRow]:
     found: dict[str, _StreamRow] = {}
     for row in session.connection().execute(select(streams_table).order_by(streams_table.c.stream)):
-        head = None
-        if row.sequence is not None:
-            head = StreamHead(
-                stream=row.stream,
-                custodian=row.custodian,
-                sequence=int(row.sequence),
-                digest=bytes(row.digest),
-                kind=str(row.kind),
-                issued_at=row.issued_at,
-                expires_at=row.expires_at,
-            )
-        status = StreamStatus(
-            head=head,
-            frozen=bool(row.frozen),
-            frozen_reason=row.frozen_reason,
-            awaiting_snapshot_from=(
-                None if row.awaiting_snapshot_from is None else int(row.awaiting_snapshot_from)
-            ),
-            stream=row.stream,
-        )
+        status = _status_of(row)
         stored_depths = {} if row.depths is None else json.loads(row.depths)
         depths = {str(asset): int(depth) for asset, depth in stored_depths.items()}
         found[row.stream] = _StreamRow(
@@ -954,11 +1003,18 @@ def _stream_rows(session: Session) -> dict[str, _StreamRow]:
 def load_ledger(
     engine: Engine, policy: CollateralPolicy, decimals: Mapping[str, int]
 ) -> tuple[MarginLedger, dict[str, StoredStream]]:
-    """The ledger and the receiver state of every stream, as the tables hold them, read in one
-    transaction. Raises InvariantViolation when the tables disagree with themselves: a stream's
-    leaves that do not rebuild the roots its last signed statement states, a head whose digest
-    is not that statement's, or anything :meth:`MarginLedger.restore` refuses."""
-    check_schema(engine)
+    """The ledger and the receiver state of every stream, as the tables hold them, read from one
+    snapshot of the database (a read-only transaction: SQLite's WAL snapshot, PostgreSQL's
+    REPEATABLE READ), so a load beside a writer that commits - another instance of the consumer
+    group - sees that commit whole or not at all. The pending releases are rebuilt from the
+    ``release`` journal entries. Raises InvariantViolation when the tables disagree with
+    themselves: a stream's leaves that do not rebuild the roots its last signed statement
+    states, a head whose digest is not that statement's, a release entry that does not describe
+    a release, or anything :meth:`MarginLedger.restore` refuses. It takes no write lock, so a
+    writer may call it from inside its own open transaction (to catch up with what another
+    instance committed)."""
+    reader = database.read_only(engine)
+    check_schema(reader)
 
     def work(
         session: Session,
@@ -969,8 +1025,15 @@ def load_ledger(
         dict[str, dict[str, Price]],
         list[ExposureReport],
         list[ClientMargin],
+        list[JournalEntry],
     ]:
-        connection = session.connection()
+        if session.get_bind().dialect.name == "postgresql":
+            # One snapshot for every table below (READ COMMITTED would take one per statement).
+            connection = session.connection(
+                execution_options={"isolation_level": "REPEATABLE READ"}
+            )
+        else:
+            connection = session.connection()
         rows = _stream_rows(session)
         leaves: dict[str, list[DisclosedLeaf]] = {}
         for stream, asset, position, account, salt, quantity in connection.execute(
@@ -1016,11 +1079,23 @@ def load_ledger(
             )
             for row in connection.execute(select(margins_table))
         ]
-        return rows, leaves, history, prices, exposures, margins
+        releases = [
+            _journal_entry(row)
+            for row in connection.execute(
+                select(journal_table)
+                .where(journal_table.c.kind == "release")
+                .order_by(journal_table.c.id)
+            )
+        ]
+        return rows, leaves, history, prices, exposures, margins, releases
 
-    rows, leaves, history, prices, exposures, margins = run_transaction(
-        engine, work, what="loading the ledger"
+    rows, leaves, history, prices, exposures, margins, release_entries = run_transaction(
+        reader, work, what="loading the ledger"
     )
+    try:
+        releases = compute_pending_releases(release_entries)
+    except DecodeError as exc:
+        raise InvariantViolation(f"a stored release entry is damaged: {exc}") from exc
     streams: dict[str, StoredStream] = {}
     positions: dict[str, dict[Holding, int]] = {}
     for stream in sorted(set(rows) | set(leaves) | set(history)):
@@ -1048,6 +1123,7 @@ def load_ledger(
         prices=prices,
         exposures=exposures,
         margins=margins,
+        releases=releases,
     )
     return ledger, streams
 

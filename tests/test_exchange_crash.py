@@ -258,13 +258,6 @@ async def test_a_crash_at_any_point_of_an_apply_credits_each_statement_once(
 # --- two consumers of one group, one database, a rebalance ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="exchange/consumer.py: an instance keeps the stream state it loaded at start; given a "
-    "partition another instance advanced, it refuses the next statements as sequence_gap and its "
-    "snapshot request writes its stale (empty) head over the stored one, after which "
-    "load_ledger raises InvariantViolation",
-)
 async def test_two_consumers_of_one_group_credit_each_statement_once_through_a_rebalance(
     exchange_engine: Engine, kafka_settings: KafkaSettings, tmp_path: Path
 ) -> None:

@@ -5,10 +5,12 @@ large snapshot persisted at speed."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, inspect, select, text, update
@@ -17,14 +19,32 @@ from sqlalchemy.orm import Session
 
 from attestations.amounts import UNITS_LIMIT
 from attestations.disclosure import ClearedSlot, DisclosedLeaf, LeafDisclosure, ReceiverTrees
-from attestations.errors import AmountError, FloatRejected, InvariantViolation
+from attestations.errors import (
+    AmountError,
+    FloatRejected,
+    ForkDetected,
+    InvariantViolation,
+    SequenceGap,
+)
+from attestations.keys import KeyRegistry
 from attestations.statement import Statement
 from attestations.verify import verify_statement
 from bridge import migrations as bridge_migrations
-from bridge.outbox import BridgeSchemaNotCurrent
+from bridge.consumer import AfterCommit, Delivery
+from bridge.envelope import decode_message, encode_statement
+from bridge.kafka import KafkaSettings
+from bridge.outbox import BridgeSchemaNotCurrent, outbox_table
 from exchange import migrations
-from exchange.consumer import compute_credited_statement
-from exchange.ledger import ExposureReport, JournalEntry, LedgerChange, MarginLedger
+from exchange.consumer import AttestationConsumer, StaleStreamState, compute_credited_statement
+from exchange.desk import MarginDesk
+from exchange.ledger import (
+    ExposureReport,
+    JournalEntry,
+    LedgerChange,
+    MarginLedger,
+    PendingRelease,
+    StreamStatus,
+)
 from exchange.policy import CollateralPolicy, MarginState
 from exchange.store import (
     AlertAlreadyResolved,
@@ -48,6 +68,15 @@ from exchange.store import (
     resolve_alert,
     run_transaction,
     streams_table,
+)
+from tests.exchange_world import (
+    CONSUMER_NOW,
+    Custodian,
+    Entry,
+    StreamWriter,
+    first_holdings,
+    new_exchange,
+    p256_signer,
 )
 from tests.test_verify import roots_of
 from tests.world import CUSTODIAN, DECIMALS, EXCHANGE, NOW, World, seed
@@ -274,6 +303,36 @@ def test_a_loaded_ledger_continues_the_stream(engine: Engine) -> None:
     assert (head.sequence, head.digest) == (3, third.compute_digest())
 
 
+def test_pending_releases_load_back_from_the_journal(engine: Engine) -> None:
+    """A release journaled while the stream's head is older than its expiry loads back as
+    pending (it caps the counted holding); one the head has outlived does not."""
+    exchange = build_history(engine)
+    head = exchange.ledger.stream_status(STREAM)
+    assert head is not None
+    assert head.head is not None
+    issued = head.head.issued_at
+    pending, outlived = (
+        PendingRelease(
+            release_id=seed(f"release-{i}").hex(),
+            client="alice",
+            stream=STREAM,
+            asset="BTC",
+            quantity=1_000,
+            cap=149_999_000,
+            issued_at=issued - timedelta(minutes=10),
+            expires_at=expires_at,
+        )
+        for i, expires_at in enumerate((issued + timedelta(minutes=5), issued))
+    )
+    entries = [
+        release.journal_entry(at=NOW, credited=150_000_000) for release in (pending, outlived)
+    ]
+    run_transaction(engine, lambda s: persist_journal(s, entries), what="test")
+    loaded, _ = load_ledger(engine, POLICY, DECIMALS)
+    assert loaded.pending_releases("alice") == (pending,)
+    assert loaded.state().releases == {"alice": (pending,)}
+
+
 def test_prices_keep_their_source_and_observation_time(engine: Engine) -> None:
     build_history(engine)
     with engine.connect() as connection:
@@ -307,6 +366,37 @@ def test_a_head_that_is_not_the_stored_statement_is_refused(engine: Engine) -> N
         )
     with pytest.raises(InvariantViolation):
         load_ledger(engine, POLICY, DECIMALS)
+
+
+def test_a_stream_head_never_goes_back(engine: Engine) -> None:
+    """A status planned against an older head - none at all, an older sequence, another
+    statement at the same sequence - is refused and the stored stream is left as it was; the
+    same head with a new freeze or awaited snapshot is stored."""
+    exchange = build_history(engine)
+    status = exchange.ledger.stream_status(STREAM)
+    assert status is not None
+    assert status.head is not None
+    assert status.head.sequence == 2
+    stale = [
+        StreamStatus(None, False, None, 1, stream=STREAM),  # "awaiting a snapshot from 1"
+        replace(status, head=replace(status.head, sequence=1)),
+        replace(status, head=replace(status.head, digest=bytes(32))),
+    ]
+    for bad in stale:
+        change = LedgerChange(generation=exchange.ledger.generation, streams={STREAM: bad})
+
+        def work(session: Session, change: LedgerChange = change) -> None:
+            persist_change(session, change)
+
+        with pytest.raises(InvariantViolation, match="a head never goes back"):
+            run_transaction(engine, work, what="test")
+        loaded, _ = load_ledger(engine, POLICY, DECIMALS)
+        assert loaded.state() == exchange.ledger.state()
+    # The same head, frozen then resolved: stored.
+    exchange.commit(exchange.ledger.plan_freeze(STREAM, reason="fork at 3", now=NOW))
+    exchange.commit(exchange.ledger.plan_resolve(STREAM, operator="ops", reason="ok", now=NOW))
+    loaded, _ = load_ledger(engine, POLICY, DECIMALS)
+    assert loaded.state() == exchange.ledger.state()
 
 
 def test_amounts_are_exact_to_128_bits_and_never_floats(engine: Engine) -> None:
@@ -484,3 +574,128 @@ def test_a_million_leaf_snapshot_is_persisted_in_bulk(engine: Engine) -> None:
     rate = count / elapsed
     print(f"\n{engine.dialect.name}: {count} credited leaves in {elapsed:.2f} s ({rate:,.0f}/s)")
     assert rate > 20_000
+
+
+# --- two instances of the consumer on one database ----------------------------------------------
+
+
+def instance(
+    engine: Engine, registry: KeyRegistry, writer: StreamWriter, **options: Any
+) -> AttestationConsumer:
+    """An attestation consumer over ``engine`` as each instance of one consumer group opens it
+    (never connected here: its ``apply`` and ``rejected`` are called directly)."""
+    return AttestationConsumer.open(
+        engine,
+        KafkaSettings(bootstrap_servers="127.0.0.1:9"),
+        exchange=writer.exchange,
+        custodians=[writer.custodian.name],
+        registry=registry,
+        decimals=DECIMALS,
+        policy=POLICY,
+        clock=lambda: CONSUMER_NOW,
+        migrate_schema=False,
+        **options,
+    )
+
+
+def delivery_of(entry: Entry) -> Delivery:
+    """What the bridge hands ``apply`` once the entry's statement and chunks arrived."""
+    record = encode_statement(entry.signed)
+    message = decode_message(record.topic, record.key, record.value, list(record.headers))
+    return Delivery(
+        message=message,
+        disclosure=entry.disclosure,
+        stream=f"{entry.statement.custodian}/{entry.statement.exchange}",
+        sequence=entry.sequence,
+        topic=record.topic,
+        partition=0,
+        offset=entry.sequence,
+    )
+
+
+def effect(
+    engine: Engine,
+    consumer: AttestationConsumer,
+    step: Callable[[Session], AfterCommit | None],
+) -> None:
+    """``step(session)`` (apply or rejected) in one transaction, then its after-commit step,
+    under the consumer's effect lock: what the bridge's base does."""
+    lock = consumer.effect_lock or contextlib.nullcontext()
+    with lock:
+        after = run_transaction(engine, step, what="test effect")
+        if after is not None:
+            after()
+
+
+def head_of(consumer: AttestationConsumer, stream: str) -> int | None:
+    status = consumer.margin_ledger.stream_status(stream)
+    return None if status is None or status.head is None else status.head.sequence
+
+
+def test_an_instance_behind_the_database_reloads_instead_of_writing_a_stale_plan(
+    engine: Engine,
+) -> None:
+    """Two instances of one consumer group load the same (empty) database; one credits a
+    statement. The other, handed the next one, finds the stream's stored head ahead of its
+    memory: it reloads in place (its desk sees the reloaded ledger) and raises a transient error
+    instead of refusing the statement as a gap; retried, it credits it. A refusal planned against
+    an old head (the snapshot request of a gap, the freeze of a fork) is not written either."""
+    registry = KeyRegistry()
+    writer = StreamWriter(Custodian("custodian-r", registry), new_exchange("r"))
+    stream = writer.stream
+    first = instance(engine, registry, writer)
+    ledger, streams = load_ledger(engine, POLICY, DECIMALS)
+    desk = MarginDesk(
+        ledger=ledger, engine=engine, exchange=writer.exchange, signer=p256_signer("exchange-r")
+    )
+    second = instance(engine, registry, writer, desk=desk, streams=streams)
+
+    one = writer.next(first_holdings())
+    effect(engine, first, lambda s: first.apply(s, delivery_of(one)))
+    two = writer.next({("erin", "USDC"): 5})
+    with pytest.raises(StaleStreamState):
+        effect(engine, second, lambda s: second.apply(s, delivery_of(two)))
+    assert second.exchange_metrics.reloads == 1
+    assert desk.ledger is second.margin_ledger
+    assert head_of(second, stream) == 1
+    status = desk.status("alice", now=CONSUMER_NOW)
+    assert status is not None
+    assert status.collateral > 0  # the desk reads the first instance's credit
+    effect(engine, second, lambda s: second.apply(s, delivery_of(two)))  # the base's retry
+    assert head_of(second, stream) == 2
+    assert second.margin_ledger.positions()[stream] == writer.holdings()
+
+    # The first is behind now: the snapshot request it would ask after a "gap" is not written.
+    gap = delivery_of(writer.propose({("erin", "USDC"): 6}, sequence=9))
+    with pytest.raises(StaleStreamState):
+        effect(engine, first, lambda s: first.rejected(s, gap, SequenceGap("test")))
+    assert head_of(first, stream) == 2
+    three = writer.next({("erin", "USDC"): 7})
+    effect(engine, first, lambda s: first.apply(s, delivery_of(three)))
+    # Now the second is behind: the freeze it would write for a "fork" is not written.
+    with pytest.raises(StaleStreamState):
+        effect(engine, second, lambda s: second.rejected(s, gap, ForkDetected("test")))
+    assert second.exchange_metrics.reloads == 2
+    loaded, _ = load_ledger(engine, POLICY, DECIMALS)
+    assert loaded.state() == first.margin_ledger.state() == second.margin_ledger.state()
+    loaded_status = loaded.stream_status(stream)
+    assert loaded_status is not None
+    assert loaded_status.head is not None
+    assert loaded_status.head.sequence == 3
+    assert (loaded_status.frozen, loaded_status.awaiting_snapshot_from) == (False, None)
+    with engine.connect() as connection:
+        assert connection.execute(select(outbox_table.c.id)).first() is None  # no request
+    assert loaded.positions()[stream] == writer.holdings()
+
+
+def test_the_desk_brackets_a_ledger_change_only_under_its_lock(engine: Engine) -> None:
+    ledger, _ = load_ledger(engine, POLICY, DECIMALS)
+    desk = MarginDesk(ledger=ledger, engine=engine, exchange=EXCHANGE, signer=p256_signer("x"))
+    with pytest.raises(InvariantViolation), desk.changing_ledger():
+        pass
+    with desk.lock, desk.changing_ledger() as held:
+        assert held is ledger
+        loaded, _ = load_ledger(engine, POLICY, DECIMALS)
+        before = held.generation
+        held.reset(loaded)
+        assert held.generation == before + 1
