@@ -258,16 +258,18 @@ def enqueue(
     publication order) to the outbox through ``session``. Call it inside the transaction that
     commits the state the entry describes; nothing is committed here.
 
-    Every record must name one stream (``mcb_stream`` header) and, where it carries
-    ``mcb_sequence``, ``sequence``. An entry whose statement is a snapshot is marked as such:
-    after a broker lost its data, republication starts at the latest snapshot of each stream.
+    Every record must name one stream (the ``mcb_stream`` header, or the record key for types
+    without one, such as an exchange's positions snapshot, keyed by the exchange: Kafka orders by
+    key) and, where it carries ``mcb_sequence``, ``sequence``. An entry whose statement is a
+    snapshot is marked as such: after a broker lost its data, republication starts at the latest
+    snapshot of each stream.
     """
     if not messages:
         raise InvariantViolation("enqueue needs at least one message")
     if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 0:
         raise InvariantViolation(f"sequence must be a non-negative integer, not {sequence!r}")
     moment = (datetime.now(UTC) if now is None else now).astimezone(UTC)
-    streams = {_header(m, "mcb_stream") for m in messages}
+    streams = {_header(m, "mcb_stream") or m.key for m in messages}
     if len(streams) != 1 or None in streams or b"" in streams:
         raise InvariantViolation("one outbox entry is the records of exactly one stream")
     stream = next(iter(streams)) or b""

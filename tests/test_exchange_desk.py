@@ -311,12 +311,6 @@ def test_the_positions_snapshot_is_signed_and_complete(alice: MarginDesk) -> Non
     assert outbox(alice.engine) == []  # taken, not published
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=InvariantViolation,
-    reason="bridge.outbox.enqueue needs an mcb_stream header; positions snapshot records carry "
-    "mcb_exchange instead (their key is the exchange)",
-)
 def test_a_published_snapshot_is_in_the_outbox(alice: MarginDesk, engine: Engine) -> None:
     parts = alice.positions_snapshot(now=T0, publish=True)
     assert outbox(engine) == list(parts)
