@@ -300,6 +300,7 @@ journal_table: Final = Table(
     Column("detail", Text, nullable=False),
     Index("ix_exchange_journal_stream", "stream", "id"),
     Index("ix_exchange_journal_client", "client", "id"),
+    Index("ix_exchange_journal_kind", "kind", "id"),
     sqlite_autoincrement=True,
 )
 

@@ -130,6 +130,8 @@ def upgrade() -> None:
     )
     op.create_index("ix_exchange_journal_stream", _JOURNAL, ["stream", "id"])
     op.create_index("ix_exchange_journal_client", _JOURNAL, ["client", "id"])
+    # Restoring pending releases reads the journal by kind.
+    op.create_index("ix_exchange_journal_kind", _JOURNAL, ["kind", "id"])
     op.create_table(
         "exchange_notices",
         sa.Column("id", _row_id(), primary_key=True, autoincrement=True),
@@ -199,6 +201,7 @@ def downgrade() -> None:
     op.drop_index("ix_exchange_alerts_open", table_name="exchange_alerts")
     op.drop_table("exchange_alerts")
     op.drop_table("exchange_notices")
+    op.drop_index("ix_exchange_journal_kind", table_name=_JOURNAL)
     op.drop_index("ix_exchange_journal_client", table_name=_JOURNAL)
     op.drop_index("ix_exchange_journal_stream", table_name=_JOURNAL)
     op.drop_table(_JOURNAL)
