@@ -9,8 +9,9 @@ What it does, for each epoch (:meth:`AttestationService.publish_epoch`):
 3. have it co-signed and sign it with the custodian key;
 4. in ONE database transaction, in the custody book's database: record the statement
    (``attestation_statements``), bring the stream's attested leaves up to date
-   (``attested_leaves``: changed holdings upserted, cleared ones deleted) and enqueue the statement
-   and its disclosure chunks in the bridge outbox (:func:`bridge.outbox.enqueue`);
+   (``attested_leaves``: changed holdings upserted, cleared ones deleted), record the leaf
+   history (custodian/history.py: their old versions closed, the new ones opened), and enqueue
+   the statement and its disclosure chunks in the bridge outbox (:func:`bridge.outbox.enqueue`);
 5. after the commit: make the plan the stream's state (:meth:`EpochPlan.commit`), append the
    digest to the transparency log, and wake the outbox relay if one is attached.
 
@@ -86,6 +87,7 @@ from bridge.outbox import OutboxRelay, enqueue, run_transaction
 from bridge.topics import DEFAULT_CATALOGUE, TopicCatalogue, compute_stream_key
 from custodian import migrations as custodian_migrations
 from custodian.epochs import EpochPlan, EpochState, Holding, compute_client_proof, plan_epoch
+from custodian.history import ProofHistory, persist_leaf_versions
 from custodian.prices import DEFAULT_MAX_AGE, PriceSnapshot, PriceSource, compute_price_snapshot
 from custodian.store import CustodyBook, Units, UtcDateTime, metadata
 
@@ -215,6 +217,13 @@ class AttestationService:
         the log; the statement states the points it used)."""
         self._changed = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.history = ProofHistory(
+            book.engine,
+            custodian=state.custodian,
+            exchange=state.exchange,
+            salt_secret=salt_secret,
+        )
+        """Client proofs at older sequences, rebuilt from the leaf history."""
 
     @property
     def engine(self) -> Engine:
@@ -328,14 +337,21 @@ class AttestationService:
             or self.state.sequence + 1 - self.last_snapshot > self.snapshot_every
         )
 
-    def client_proof(self, *, account: str, asset: str) -> ClientProof | None:
-        """``account``'s proof for its ``asset`` leaf in the latest statement (None if it has
-        none), read under the lock an epoch commits under, so sequence, digest and path belong
-        to one statement."""
+    def client_proof(
+        self, *, account: str, asset: str, sequence: int | None = None
+    ) -> ClientProof | None:
+        """``account``'s proof for its ``asset`` leaf in statement ``sequence`` (None: the
+        latest), or None when that statement has no such leaf. The latest statement's comes from
+        the in-memory trees, read under the lock an epoch commits under, so sequence, digest and
+        path belong to one statement; an older one is rebuilt from the leaf history
+        (:class:`~custodian.history.ProofHistory`: ProofNotKept when the stream has no such
+        statement, InvariantViolation when the history does not rebuild its signed roots)."""
         with self._lock:
-            return compute_client_proof(
-                self.state, account=account, asset=asset, salt_secret=self._salt_secret
-            )
+            if sequence is None or sequence == self.state.sequence:
+                return compute_client_proof(
+                    self.state, account=account, asset=asset, salt_secret=self._salt_secret
+                )
+        return self.history.client_proof(account=account, asset=asset, sequence=sequence)
 
     def publish_epoch(
         self, now: datetime | None = None, *, snapshot: bool = False
@@ -566,7 +582,8 @@ def persist_statement(
     cleared: Iterable[Holding],
 ) -> None:
     """Record ``signed`` and its leaf changes through ``session`` (inside the caller's
-    transaction; nothing is committed here)."""
+    transaction; nothing is committed here): the statement, the current leaves and the leaf
+    history (:func:`custodian.history.persist_leaf_versions`)."""
     statement = signed.statement
     connection = session.connection()
     connection.execute(
@@ -580,7 +597,8 @@ def persist_statement(
         )
     )
     changed = list(changed)
-    gone = [(leaf.account, leaf.asset) for leaf in changed] + list(cleared)
+    cleared = list(cleared)
+    gone = [(leaf.account, leaf.asset) for leaf in changed] + cleared
     if gone:
         # Delete then insert: portable upsert, and a slot freed and retaken in one epoch never
         # meets the (stream, asset, position) constraint twice. Executed as one statement with
@@ -608,6 +626,13 @@ def persist_statement(
                 for leaf in changed
             ],
         )
+    persist_leaf_versions(
+        connection,
+        stream=stream,
+        sequence=statement.sequence,
+        changed=changed,
+        cleared=cleared,
+    )
 
 
 def restore_epoch_state(

@@ -101,6 +101,8 @@ def test_migrations_build_exactly_the_schema_of_the_models(database_url: str) ->
         "book_postings",
         "attestation_statements",  # custodian.service: the epochs' record of what was attested
         "attested_leaves",
+        "attested_leaf_versions",  # custodian.history: every leaf's versions, by sequence
+        "attested_leaf_history_starts",
         "book_release_acks",  # release acknowledgements received and verified, by release id
         migrations.VERSION_TABLE,
     }
