@@ -31,11 +31,12 @@ Errors are JSON ``{"error": reason, "detail": text}``: 400 for a malformed value
 not exist, 405 for a wrong method, 503 when the database is unreachable. Bad input never
 produces a 500.
 
-What it does not do: publish statements (the service does), keep old trees (only the latest
-statement's client proofs are served: the service keeps only its current trees), issue or
-rotate tokens (an operator writes the token file), or terminate TLS (run it behind a proxy that
-does). The proofs come from the trees of the :class:`~custodian.service.AttestationService`
-object passed in, so the API runs in the process that publishes the stream.
+What it does not do: publish statements (the service does), build trees (the latest
+statement's client proofs come from the trees of the
+:class:`~custodian.service.AttestationService` object passed in, so the API runs in the process
+that publishes the stream; an older statement's are rebuilt by its leaf history,
+:mod:`custodian.history`), issue or rotate tokens (an operator writes the token file), or
+terminate TLS (run it behind a proxy that does).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from bridge.http import (
     parse_query,
 )
 from bridge.outbox import run_transaction
+from custodian.history import ProofNotKept
 from custodian.service import AttestationService, statements_table
 
 __all__ = [
@@ -346,12 +348,16 @@ def fetch_stream_stats(engine: Engine, *, stream: str, log: TransparencyLog) -> 
 
 
 def fetch_client_proof(
-    service: AttestationService, *, account: str, asset: str
+    service: AttestationService, *, account: str, asset: str, sequence: int | None = None
 ) -> tuple[int, ClientProof | None]:
-    """(the stream's latest sequence, ``account``'s proof for its ``asset`` leaf in that
-    statement, or None when it has no such leaf). 0 and None before the first statement."""
-    proof = service.client_proof(account=account, asset=asset)
-    return service.state.sequence if proof is None else proof.sequence, proof
+    """(the statement's sequence, ``account``'s proof for its ``asset`` leaf in that statement,
+    or None when it has no such leaf), for statement ``sequence`` (None: the latest; 0 and None
+    before the first statement). An older statement's proof is rebuilt from the leaf history;
+    ProofNotKept when the stream has no statement ``sequence`` or its leaves are not kept."""
+    proof = service.client_proof(account=account, asset=asset, sequence=sequence)
+    if proof is not None:
+        return proof.sequence, proof
+    return service.state.sequence if sequence is None else sequence, None
 
 
 # --- the application ----------------------------------------------------------------------------
@@ -448,18 +454,16 @@ class _Api:
         wanted = parse_sequence(query["sequence"]) if "sequence" in query else None
         authorize(principal, Action.READ_PROOF, exchange=exchange, account=account)
         self._require_stream(exchange)
-        latest, proof = await asyncio.to_thread(
-            fetch_client_proof, self.service, account=account, asset=asset
-        )
-        if latest == 0:
-            raise NotFound("no statement published yet")
-        if wanted is not None and wanted != latest:
-            raise NotFound(
-                f"only the latest statement's proofs are served (statement {latest}); the "
-                f"custodian does not keep the trees of statement {wanted}"
+        try:
+            sequence, proof = await asyncio.to_thread(
+                fetch_client_proof, self.service, account=account, asset=asset, sequence=wanted
             )
+        except ProofNotKept as exc:
+            raise NotFound(str(exc)) from exc
+        if sequence == 0:
+            raise NotFound("no statement published yet")
         if proof is None:
-            raise NotFound(f"{account} has no {asset} leaf in statement {latest}")
+            raise NotFound(f"{account} has no {asset} leaf in statement {sequence}")
         return _json(proof.to_wire())
 
     # --- transparency log -----------------------------------------------------------------------

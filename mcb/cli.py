@@ -33,11 +33,12 @@ from sqlalchemy.engine import make_url
 from attestations.amounts import format_decimal, parse_units
 from attestations.canonical import parse_json_object, parse_timestamp, truncate_to_millis
 from attestations.disclosure import ClientProof, verify_client_proof
-from attestations.errors import BridgeError, CounterpartyError, FloatRejected
+from attestations.errors import BridgeError, CounterpartyError, DecodeError, FloatRejected
 from attestations.hsm import Pkcs11Signer
 from attestations.keys import KeyRegistry
 from attestations.p256 import DigestSigner, SoftwareP256Signer
 from attestations.signing import BlsCosigner, Cosigner
+from attestations.statement import MAX_SEQUENCE
 from attestations.translog import TransparencyLog
 from attestations.verify import authenticate_statement
 from bridge.broker import EmbeddedBroker
@@ -58,6 +59,7 @@ from custodian.book import (
     validate_release_ack,
 )
 from custodian.epochs import compute_client_proof as compute_epoch_client_proof
+from custodian.history import ProofHistory, ProofNotKept
 from custodian.instructions import (
     create_instruction_consumer,
     fetch_release_ack,
@@ -74,6 +76,7 @@ logger = logging.getLogger(__name__)
 
 _FRACTION_RE: Final = re.compile(r"[+-]?(?:[0-9]*\.[0-9]*|[0-9.]+[eE][+-]?[0-9]+)")
 """What a float looks like on the command line: refused as money, never rounded."""
+_SEQUENCE_RE: Final = re.compile(r"[1-9][0-9]{0,15}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -113,7 +116,8 @@ def _cmd_verify_proof(args: argparse.Namespace) -> int:
 
 
 class ProofUnavailable(CounterpartyError):
-    """No inclusion proof can be given: no statement yet, or the holding is not in the latest."""
+    """No inclusion proof can be given: no such statement (or its leaves are not kept), or the
+    holding is not in it."""
 
     reason = "proof_unavailable"
 
@@ -127,6 +131,13 @@ def parse_quantity(text: str) -> int:
             "150000000)"
         )
     return parse_units(text, what="--quantity")
+
+
+def parse_sequence(text: str) -> int:
+    """``--sequence``: a statement sequence, a canonical decimal from 1 to 2**53 - 1."""
+    if not _SEQUENCE_RE.fullmatch(text) or int(text) > MAX_SEQUENCE:
+        raise DecodeError(f"--sequence {text[:40]!r} is not a sequence (1 to {MAX_SEQUENCE})")
+    return int(text)
 
 
 def _config(args: argparse.Namespace) -> CustodianConfig:
@@ -306,10 +317,25 @@ def compute_client_proof(
     client: str,
     asset: str,
     salt_secret: bytes,
+    sequence: int | None = None,
 ) -> ClientProof:
-    """The inclusion proof of (client, asset) in the stream's latest stored statement, from the
-    state the attestation service restores at start (its stored leaves, checked against the
-    statement's roots)."""
+    """The inclusion proof of (client, asset) in the stream's stored statement ``sequence``
+    (None: the latest). The latest from the state the attestation service restores at start (its
+    stored leaves, checked against the statement's roots); another from the leaf history
+    (:class:`custodian.history.ProofHistory`, checked against that statement's roots)."""
+    if sequence is not None:
+        history = ProofHistory(
+            book.engine, custodian=custodian, exchange=exchange, salt_secret=salt_secret
+        )
+        try:
+            found = history.client_proof(account=client, asset=asset, sequence=sequence)
+        except ProofNotKept as exc:
+            raise ProofUnavailable(str(exc)) from exc
+        if found is None:
+            raise ProofUnavailable(
+                f"{client} / {asset} is not in statement #{sequence} of {custodian}/{exchange}"
+            )
+        return found
     state, _ = restore_epoch_state(
         book.engine, custodian=custodian, exchange=exchange, salt_secret=salt_secret
     )
@@ -324,6 +350,7 @@ def compute_client_proof(
 
 
 def _cmd_show_proof(args: argparse.Namespace) -> int:
+    sequence = None if args.sequence is None else parse_sequence(args.sequence)
     config = _config(args)
     salt_secret = _read_salt_secret(config)
     with _open_book(config) as book:
@@ -334,6 +361,7 @@ def _cmd_show_proof(args: argparse.Namespace) -> int:
             client=args.client,
             asset=args.asset,
             salt_secret=salt_secret,
+            sequence=sequence,
         )
     print(json.dumps(proof.to_wire(), sort_keys=True))
     return 0
@@ -594,12 +622,17 @@ def _add_custodian_parser(sub: Any) -> None:
 
     show_proof = add(
         "show-proof",
-        "a client's inclusion proof in the latest statement (JSON, for mcb verify-proof)",
+        "a client's inclusion proof in one statement (JSON, for mcb verify-proof)",
         _cmd_show_proof,
     )
     show_proof.add_argument("--exchange", required=True)
     show_proof.add_argument("--client", required=True)
     show_proof.add_argument("--asset", required=True)
+    show_proof.add_argument(
+        "--sequence",
+        default=None,
+        help="the statement's sequence (default: the latest stored statement)",
+    )
 
     serve_parser = add(
         "serve",

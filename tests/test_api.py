@@ -19,13 +19,13 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, update
 
 from attestations.amounts import Asset
 from attestations.canonical import compute_canonical_bytes
 from attestations.checkpoint import SignedCheckpoint, verify_checkpoint, verify_same_history
 from attestations.disclosure import ClientProof, verify_client_proof
-from attestations.errors import ConfigurationError
+from attestations.errors import ConfigurationError, InvalidProof
 from attestations.signing import Cosigner
 from attestations.statement import SignedStatement
 from attestations.translog import (
@@ -57,6 +57,7 @@ from custodian.api import (
     run_server,
 )
 from custodian.book import Deposit, Pledge
+from custodian.history import leaf_versions_table
 from custodian.prices import StaticPriceSource
 from custodian.service import AttestationService
 from custodian.store import CustodyBook
@@ -70,11 +71,12 @@ BASE = f"/v1/streams/{EXCHANGE}"
 
 TOKENS = {
     name: secrets.token_urlsafe(32)
-    for name in ("alice", "bob", "exchange", "other-exchange", "regulator", "operator")
+    for name in ("alice", "bob", "dave", "exchange", "other-exchange", "regulator", "operator")
 }
 PRINCIPALS = {
     "alice": "client:alice",
     "bob": "client:bob",
+    "dave": "client:dave",
     "exchange": f"exchange:{EXCHANGE}",
     "other-exchange": "exchange:exchange-y",
     "regulator": "regulator:fca",
@@ -209,10 +211,53 @@ async def test_a_client_verifies_its_proof_against_the_statement_it_fetched(
     assert verify_client_proof(bob, statement=authenticated.statement) == 25_000_000
 
 
-async def test_only_the_latest_statements_proofs_are_served(client: Client) -> None:
-    body = await problem(client, f"{BASE}/proofs/alice/BTC?sequence=1", 404, who="alice")
-    assert "only the latest statement's proofs are served" in body["detail"]
-    await problem(client, f"{BASE}/proofs/alice/BTC?sequence=3", 404, who="alice")
+async def test_a_proof_in_an_older_statement_verifies_against_that_statement(
+    client: Client, world: World
+) -> None:
+    response = await client.get(f"{BASE}/statements/1", headers=auth("dave"))
+    assert response.status == 200
+    first = authenticate_statement(
+        await response.read(),
+        custodian=CUSTODIAN,
+        exchange=EXCHANGE,
+        registry=world.registry,
+        now=NOW,  # checked as at the time it was received
+    ).statement
+    for who, asset, quantity in (("alice", "BTC", 150_000_000), ("bob", "USDC", 25_000_000)):
+        wire = await get_json(client, f"{BASE}/proofs/{who}/{asset}?sequence=1", who)
+        proof = ClientProof.from_wire(wire)
+        assert proof.sequence == 1
+        assert verify_client_proof(proof, statement=first) == quantity
+    # dave pledged after statement 1: no leaf there, one in statement 2.
+    body = await problem(client, f"{BASE}/proofs/dave/BTC?sequence=1", 404, who="dave")
+    assert body["detail"] == "dave has no BTC leaf in statement 1"
+    later = ClientProof.from_wire(await get_json(client, f"{BASE}/proofs/dave/BTC?sequence=2"))
+    with pytest.raises(InvalidProof):
+        verify_client_proof(later, statement=first)
+
+
+async def test_a_proof_at_a_sequence_not_stored_is_404(client: Client) -> None:
+    body = await problem(client, f"{BASE}/proofs/alice/BTC?sequence=3", 404, who="alice")
+    assert "no statement 3" in body["detail"]
+    await problem(client, f"{BASE}/proofs/alice/BTC?sequence={2**53 - 1}", 404, who="alice")
+
+
+async def test_a_damaged_leaf_history_is_a_500_never_a_proof(
+    client: Client, service: AttestationService
+) -> None:
+    with service.engine.begin() as connection:
+        changed = connection.execute(
+            update(leaf_versions_table)
+            .where(leaf_versions_table.c.account == "carol")
+            .values(quantity=43)
+        ).rowcount
+    assert changed == 1
+    # The latest statement's proofs come from the service's trees; statement 1's from the
+    # history, whose carol leaf no longer gives the signed BTC root.
+    await get_json(client, f"{BASE}/proofs/alice/BTC?sequence=2", "alice")
+    response = await client.get(f"{BASE}/proofs/alice/BTC?sequence=1", headers=auth("alice"))
+    assert response.status == 500
+    assert (await response.json())["error"] == "internal"
 
 
 # --- authentication and scope -------------------------------------------------------------------
@@ -306,6 +351,8 @@ async def test_malformed_input_is_400(client: Client, path: str) -> None:
         f"{BASE}/proofs/alice/USDC",
         f"{BASE}/proofs/zed/BTC",
         f"{BASE}/proofs/alice/ETH",
+        f"{BASE}/proofs/dave/BTC?sequence=1",
+        f"{BASE}/proofs/bob/USDC?sequence=3",
         "/v1/streams/exchange-y/statements/1",
         "/v1/streams/exchange-y/proofs/alice/BTC",
         f"{BASE}/log/inclusion/3",
