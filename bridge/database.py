@@ -1,27 +1,31 @@
 """The SQL plumbing shared by the services that keep state in SQLite or PostgreSQL.
 
-What this module does: the column types both databases must agree on (timezone-aware UTC
-timestamps, row ids), an engine factory that accepts only SQLite and PostgreSQL and makes SQLite
-take its write lock at ``BEGIN``, the translation of driver errors into the project's hierarchy
-(a busy or unreachable database is a :class:`~attestations.errors.TransientError` of the caller's
-choosing), a retry loop for transactions the database aborted because of a concurrent one, and
-the Alembic runner and environment behind each package's ``migrations`` module.
+What this module does: the column types both databases must agree on (exact integers below
+2**128, timezone-aware UTC timestamps, row ids), an engine factory that accepts only SQLite and
+PostgreSQL and makes SQLite take its write lock at ``BEGIN``, the translation of driver errors
+into the project's hierarchy (a busy or unreachable database is a
+:class:`~attestations.errors.TransientError` of the caller's choosing), a retry loop for
+transactions the database aborted because of a concurrent one, and the Alembic runner and
+environment behind each package's ``migrations`` module.
 
 What it does not do: own any table, metadata or migration. The bridge (:mod:`bridge.outbox`,
-:mod:`bridge.migrations`) and the custody book (:mod:`custodian.store`,
-:mod:`custodian.migrations`) each keep their own, with their own error classes and version table,
-and pass them in here. Nothing in this module imports either package.
+:mod:`bridge.migrations`), the custody book (:mod:`custodian.store`, :mod:`custodian.migrations`)
+and the exchange's ledger (:mod:`exchange.store`, :mod:`exchange.migrations`) each keep their own,
+with their own error classes and version table, and pass them in here. Nothing in this module
+imports any of those packages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar, Final, TypeVar
 
@@ -29,13 +33,31 @@ from alembic import command, context
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import BigInteger, Connection, DateTime, Engine, Integer, MetaData, event, make_url
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    event,
+    make_url,
+)
 from sqlalchemy import create_engine as sqlalchemy_create_engine
 from sqlalchemy.engine import URL, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from attestations.errors import ConfigurationError, InvariantViolation, TransientError
+from attestations.amounts import UNITS_LIMIT
+from attestations.errors import (
+    AmountError,
+    ConfigurationError,
+    FloatRejected,
+    InvariantViolation,
+    TransientError,
+)
 
 SUPPORTED_DIALECTS: Final = frozenset({"sqlite", "postgresql"})
 DEFAULT_MAX_ATTEMPTS: Final = 5
@@ -48,6 +70,58 @@ T = TypeVar("T")
 
 
 # --- column types -------------------------------------------------------------------------------
+
+_UNITS_TEXT_RE: Final = re.compile(r"0|-?[1-9][0-9]{0,38}")
+"""The canonical decimal text of an integer below 2**128 in magnitude, as SQLite stores one."""
+
+
+class Units(TypeDecorator[int]):
+    """Exact signed integers with magnitude below 2**128 (money in minor units, quantities,
+    prices' mantissas): ``NUMERIC(39, 0)`` on PostgreSQL, the canonical decimal string on SQLite
+    (whose INTEGER stops at 2**63 and whose NUMERIC affinity would turn larger values into lossy
+    floats). Reads return ``int``; a float, a bool or an out-of-range value is refused before it
+    reaches the database. A stored value that is not a canonical integer (the table was changed
+    behind the service's back) raises :attr:`corrupted_error`, its message starting with
+    :attr:`stored_what`; each package subclasses this to choose both (a subclass must set
+    ``cache_ok`` again: SQLAlchemy reads it per class)."""
+
+    impl = String(40)
+    cache_ok = True
+    corrupted_error: ClassVar[type[Exception]] = InvariantViolation
+    stored_what: ClassVar[str] = "stored amount"
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(Numeric(39, 0, asdecimal=True))
+        return dialect.type_descriptor(String(40))
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, float):
+            raise FloatRejected(f"float {value!r} offered as stored money")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise AmountError(f"stored money must be int, got {type(value).__name__}")
+        if abs(value) >= UNITS_LIMIT:
+            raise AmountError(f"stored money {value} is beyond 128 bits")
+        return Decimal(value) if dialect.name == "postgresql" else str(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, Decimal):
+            if value != value.to_integral_value():
+                raise self.corrupted_error(f"{self.stored_what} {value} is not an integer")
+            return int(value)
+        if isinstance(value, str) and _UNITS_TEXT_RE.fullmatch(value):
+            return int(value)
+        raise self.corrupted_error(
+            f"{self.stored_what} {str(value)[:50]!r} is not a canonical integer"
+        )
+
+    @property
+    def python_type(self) -> type[int]:
+        return int
 
 
 class UtcDateTime(TypeDecorator[datetime]):

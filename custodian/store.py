@@ -25,11 +25,9 @@ taking it (:func:`bridge.database.read_only`). Lock conflicts the database resol
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, Final, Self
 
 from sqlalchemy import (
@@ -41,7 +39,6 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     MetaData,
-    Numeric,
     PrimaryKeyConstraint,
     Select,
     SmallInteger,
@@ -55,15 +52,12 @@ from sqlalchemy import (
 )
 from sqlalchemy import select as sqlalchemy_select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import registry
 from sqlalchemy.sql.expression import Executable
-from sqlalchemy.types import TypeDecorator, TypeEngine
 from sqlmodel import Field, Session, SQLModel, select
 
-from attestations.amounts import UNITS_LIMIT, Asset
+from attestations.amounts import Asset
 from attestations.canonical import parse_json_object
-from attestations.errors import AmountError, FloatRejected
 from bridge import database
 from bridge.database import DEFAULT_MAX_ATTEMPTS, row_id_type
 from custodian import migrations
@@ -94,52 +88,19 @@ from custodian.errors import (
     UnsupportedDatabase,
 )
 
-_UNITS_TEXT_RE: Final = re.compile(r"0|-?[1-9][0-9]{0,38}")
 _PAGE: Final = 1000
 
 
 # --- column types -------------------------------------------------------------------------------
 
 
-class Units(TypeDecorator[int]):
-    """Exact signed minor units with magnitude below 2**128: ``NUMERIC(39, 0)`` on PostgreSQL,
-    the canonical decimal string on SQLite (whose INTEGER stops at 2**63 and whose NUMERIC
-    affinity would turn larger values into lossy floats). Reads return ``int``; a float, a bool or
-    an out-of-range value is refused before it reaches the database."""
+class Units(database.Units):
+    """Exact minor units of the book's tables; a stored value that is not a canonical integer is
+    :class:`~custodian.errors.BookCorrupted`."""
 
-    impl = String(40)
     cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(Numeric(39, 0, asdecimal=True))
-        return dialect.type_descriptor(String(40))
-
-    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, float):
-            raise FloatRejected(f"float {value!r} offered as stored money")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise AmountError(f"stored money must be int, got {type(value).__name__}")
-        if abs(value) >= UNITS_LIMIT:
-            raise AmountError(f"stored money {value} is beyond 128 bits")
-        return Decimal(value) if dialect.name == "postgresql" else str(value)
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, Decimal):
-            if value != value.to_integral_value():
-                raise BookCorrupted(f"stored money {value} is not an integer")
-            return int(value)
-        if isinstance(value, str) and _UNITS_TEXT_RE.fullmatch(value):
-            return int(value)
-        raise BookCorrupted(f"stored money {str(value)[:50]!r} is not a canonical integer")
-
-    @property
-    def python_type(self) -> type[int]:
-        return int
+    corrupted_error = BookCorrupted
+    stored_what = "stored money"
 
 
 class UtcDateTime(database.UtcDateTime):

@@ -33,11 +33,9 @@ both databases).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import (
@@ -50,7 +48,6 @@ from sqlalchemy import (
     Index,
     LargeBinary,
     MetaData,
-    Numeric,
     PrimaryKeyConstraint,
     SmallInteger,
     String,
@@ -66,18 +63,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
-from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from attestations.amounts import UNITS_LIMIT, Price
+from attestations.amounts import Price
 from attestations.disclosure import DisclosedLeaf, LeafDisclosure, ReceiverTrees
 from attestations.errors import (
-    AmountError,
     ConfigurationError,
     CounterpartyError,
     DecodeError,
-    FloatRejected,
     InvariantViolation,
     TransientError,
 )
@@ -105,7 +98,6 @@ from exchange.policy import CollateralPolicy, MarginState
 
 T = TypeVar("T")
 
-_UNITS_TEXT_RE: Final = re.compile(r"0|-?[1-9][0-9]{0,38}")
 DEFAULT_JOURNAL_PAGE: Final = 1000
 MAX_JOURNAL_PAGE: Final = 10_000
 _MAX_TEXT: Final = 1000
@@ -143,47 +135,14 @@ class AlertAlreadyResolved(CounterpartyError):
 # --- column types -------------------------------------------------------------------------------
 
 
-class Units(TypeDecorator[int]):
-    """Exact signed integers with magnitude below 2**128 (quantities, quote amounts, prices'
-    mantissas): ``NUMERIC(39, 0)`` on PostgreSQL, the canonical decimal string on SQLite (whose
-    INTEGER stops at 2**63 and whose NUMERIC affinity would turn larger values into lossy
-    floats). Reads return ``int``; a float, a bool or an out-of-range value is refused before it
-    reaches the database, and a stored value that is not a canonical integer is an
-    InvariantViolation (the table was changed behind the ledger's back)."""
+class Units(database.Units):
+    """Exact integers of the ledger's tables (quantities, quote amounts, prices' mantissas); a
+    stored value that is not a canonical integer is an InvariantViolation (the table was changed
+    behind the ledger's back)."""
 
-    impl = String(40)
     cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(Numeric(39, 0, asdecimal=True))
-        return dialect.type_descriptor(String(40))
-
-    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, float):
-            raise FloatRejected(f"float {value!r} offered as stored money")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise AmountError(f"stored money must be int, got {type(value).__name__}")
-        if abs(value) >= UNITS_LIMIT:
-            raise AmountError(f"stored money {value} is beyond 128 bits")
-        return Decimal(value) if dialect.name == "postgresql" else str(value)
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, Decimal):
-            if value != value.to_integral_value():
-                raise InvariantViolation(f"stored amount {value} is not an integer")
-            return int(value)
-        if isinstance(value, str) and _UNITS_TEXT_RE.fullmatch(value):
-            return int(value)
-        raise InvariantViolation(f"stored amount {str(value)[:50]!r} is not a canonical integer")
-
-    @property
-    def python_type(self) -> type[int]:
-        return int
+    corrupted_error = InvariantViolation
+    stored_what = "stored amount"
 
 
 class UtcDateTime(database.UtcDateTime):

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from attestations.amounts import Asset
-from attestations.errors import ConfigurationError
+from attestations.amounts import UNITS_LIMIT, Asset
+from attestations.errors import AmountError, ConfigurationError, FloatRejected, InvariantViolation
 from bridge import database
 from bridge.database import (
     create_database_engine,
@@ -26,9 +26,11 @@ from bridge.database import (
     read_only,
     sqlite_write_lock,
 )
+from custodian import store as book_store
 from custodian.book import Deposit, MoveToSettlement, Pledge, Unpledge, pledged_to
-from custodian.errors import InsufficientBalance
+from custodian.errors import BookCorrupted, InsufficientBalance
 from custodian.store import CustodyBook
+from exchange import store as exchange_store
 
 NOW = datetime(2025, 11, 25, 8, 0, tzinfo=UTC)
 ASSETS = [Asset("BTC", 8), Asset("ETH", 18)]
@@ -250,6 +252,86 @@ def test_read_only_transactions_read_and_write_as_usual_elsewhere(database_url: 
             assert connection.execute(sa.text("SELECT count(*) FROM things")).scalar_one() == 2
     finally:
         engine.dispose()
+
+
+# --- exact integers -----------------------------------------------------------------------------
+
+
+class DamagedAmount(InvariantViolation):
+    reason = "damaged_amount"
+
+
+class ProbeUnits(database.Units):
+    cache_ok = True
+    corrupted_error = DamagedAmount
+    stored_what = "test amount"
+
+
+def units_table(engine: Engine) -> sa.Table:
+    """A table whose ``v`` column is raw on purpose: NUMERIC without scale on PostgreSQL and TEXT
+    on SQLite accept values a Units column would never write, as a tampered table could hold."""
+    raw = "NUMERIC" if engine.dialect.name == "postgresql" else "TEXT"
+    with engine.begin() as connection:
+        connection.exec_driver_sql(f"CREATE TABLE amounts (id INTEGER PRIMARY KEY, v {raw})")
+    return sa.Table(
+        "amounts",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("v", ProbeUnits),
+    )
+
+
+def test_units_store_every_integer_below_2_128_exactly(database_url: str) -> None:
+    engine = open_engine(database_url)
+    try:
+        table = units_table(engine)
+        values = [0, 1, -1, 2**63, -(2**63) - 1, UNITS_LIMIT - 1, -(UNITS_LIMIT - 1)]
+        with engine.begin() as connection:
+            connection.execute(table.insert(), [{"id": i, "v": v} for i, v in enumerate(values)])
+            connection.execute(table.insert().values(id=len(values), v=None))
+        with engine.connect() as connection:
+            read = connection.execute(sa.select(table.c.v).order_by(table.c.id)).scalars().all()
+        assert read == [*values, None]
+        assert all(type(v) is int for v in read[:-1])
+        for bad, error in ((1.5, FloatRejected), (UNITS_LIMIT, AmountError), (True, AmountError)):
+            with pytest.raises(sa.exc.StatementError) as raised, engine.begin() as connection:
+                connection.execute(table.insert().values(id=99, v=bad))
+            assert isinstance(raised.value.orig, error)  # refused before reaching the database
+    finally:
+        engine.dispose()
+
+
+def test_a_stored_value_that_is_not_a_canonical_integer_raises_the_configured_error(
+    database_url: str,
+) -> None:
+    engine = open_engine(database_url)
+    try:
+        table = units_table(engine)
+        damaged = (
+            ["1.5"] if engine.dialect.name == "postgresql" else ["1.5", "01", "-0", "1e3", " 1"]
+        )
+        for value in damaged:
+            with engine.begin() as connection:
+                connection.execute(sa.text("DELETE FROM amounts"))
+                connection.execute(sa.text("INSERT INTO amounts VALUES (1, :v)"), {"v": value})
+            with (
+                pytest.raises(DamagedAmount, match=r"^test amount "),
+                engine.connect() as connection,
+            ):
+                connection.execute(sa.select(table.c.v)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_each_package_names_its_own_error_for_a_damaged_amount() -> None:
+    dialect = sa.create_engine("sqlite://").dialect
+    for units, error in (
+        (book_store.Units(), BookCorrupted),
+        (exchange_store.Units(), InvariantViolation),
+    ):
+        with pytest.raises(error):
+            units.process_result_value("01", dialect)
+        assert units.process_result_value("-12", dialect) == -12
 
 
 # --- pledges read by change -------------------------------------------------------------------
