@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -456,81 +457,59 @@ def _alembic_config(
     return config
 
 
-def head_revision(*, script_location: Path) -> str | None:
-    """The newest revision of the migrations in ``script_location``."""
-    return ScriptDirectory.from_config(_alembic_config(script_location)).get_current_head()
+@dataclass(frozen=True, slots=True)
+class Migrations:
+    """One package's Alembic migrations, run from code (no alembic.ini): the folder of its
+    scripts, the table that keeps its version (its own, so several packages migrate their tables
+    in one database without meeting), the PostgreSQL advisory lock that serializes concurrent
+    upgrades, and how to open an engine on a URL. Each package's ``migrations`` module builds one
+    and exposes its methods as its functions."""
 
+    script_location: Path
+    version_table: str
+    lock_key: int
+    create_engine: Callable[[str], Engine]
 
-def current_revision(connection: Connection, *, version_table: str) -> str | None:
-    """The revision ``connection``'s database is at according to ``version_table`` (None when it
-    was never migrated)."""
-    migration = MigrationContext.configure(connection, opts={"version_table": version_table})
-    return migration.get_current_revision()
+    def head_revision(self) -> str | None:
+        """The newest revision of these migrations."""
+        return ScriptDirectory.from_config(_alembic_config(self.script_location)).get_current_head()
 
+    def current_revision(self, connection: Connection) -> str | None:
+        """The revision ``connection``'s database is at (None when it was never migrated)."""
+        migration = MigrationContext.configure(
+            connection, opts={"version_table": self.version_table}
+        )
+        return migration.get_current_revision()
 
-def upgrade(
-    database: str | Engine,
-    *,
-    script_location: Path,
-    version_table: str,
-    lock_key: int,
-    create_engine: Callable[[str], Engine],
-    revision: str = "head",
-) -> None:
-    """Migrate ``database`` (a URL, opened with ``create_engine``, or an engine) up to
-    ``revision`` in one transaction. Running it on an up-to-date database does nothing."""
-    _run(
-        database,
-        lambda config: command.upgrade(config, revision),
-        script_location=script_location,
-        version_table=version_table,
-        lock_key=lock_key,
-        create_engine=create_engine,
-    )
+    def upgrade(self, database: str | Engine, revision: str = "head") -> None:
+        """Migrate ``database`` (a URL, opened with :attr:`create_engine`, or an engine) up to
+        ``revision`` in one transaction. Running it on an up-to-date database does nothing."""
+        self._run(database, lambda config: command.upgrade(config, revision))
 
+    def downgrade(self, database: str | Engine, revision: str) -> None:
+        """Migrate ``database`` down to ``revision`` (``"base"`` drops every table of these
+        migrations) in one transaction."""
+        self._run(database, lambda config: command.downgrade(config, revision))
 
-def downgrade(
-    database: str | Engine,
-    *,
-    script_location: Path,
-    version_table: str,
-    lock_key: int,
-    create_engine: Callable[[str], Engine],
-    revision: str,
-) -> None:
-    """Migrate ``database`` down to ``revision`` (``"base"`` drops every table of these
-    migrations) in one transaction."""
-    _run(
-        database,
-        lambda config: command.downgrade(config, revision),
-        script_location=script_location,
-        version_table=version_table,
-        lock_key=lock_key,
-        create_engine=create_engine,
-    )
-
-
-def _run(
-    database: str | Engine,
-    step: Callable[[Config], None],
-    *,
-    script_location: Path,
-    version_table: str,
-    lock_key: int,
-    create_engine: Callable[[str], Engine],
-) -> None:
-    engine = create_engine(database) if isinstance(database, str) else database
-    try:
-        with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                # Transaction-level: two processes starting at once do not both migrate.
-                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({int(lock_key)})")
-            step(
-                _alembic_config(script_location, version_table=version_table, connection=connection)
-            )
-    finally:
-        if isinstance(database, str):
-            engine.dispose()
+    def _run(self, database: str | Engine, step: Callable[[Config], None]) -> None:
+        engine = self.create_engine(database) if isinstance(database, str) else database
+        try:
+            with engine.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    # Transaction-level: two processes starting at once do not both migrate.
+                    connection.exec_driver_sql(
+                        f"SELECT pg_advisory_xact_lock({int(self.lock_key)})"
+                    )
+                step(
+                    _alembic_config(
+                        self.script_location,
+                        version_table=self.version_table,
+                        connection=connection,
+                    )
+                )
+        finally:
+            if isinstance(database, str):
+                engine.dispose()
 
 
 def run_migration_environment(

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
 from bridge import database as _shared
 
@@ -34,36 +34,14 @@ def _create_engine(url: str) -> Engine:
     return create_bridge_engine(url)
 
 
-def head_revision() -> str | None:
-    """The newest revision of the bridge schema."""
-    return _shared.head_revision(script_location=MIGRATIONS_DIR)
+_MIGRATIONS: Final = _shared.Migrations(
+    script_location=MIGRATIONS_DIR,
+    version_table=VERSION_TABLE,
+    lock_key=_ADVISORY_LOCK_KEY,
+    create_engine=_create_engine,
+)
 
-
-def current_revision(connection: Connection) -> str | None:
-    """The revision ``connection``'s database is at (None when it was never migrated)."""
-    return _shared.current_revision(connection, version_table=VERSION_TABLE)
-
-
-def upgrade(database: str | Engine, revision: str = "head") -> None:
-    """Migrate the bridge tables of ``database`` (a URL or an engine) up to ``revision`` in
-    one transaction. Running it on an up-to-date database does nothing."""
-    _shared.upgrade(
-        database,
-        script_location=MIGRATIONS_DIR,
-        version_table=VERSION_TABLE,
-        lock_key=_ADVISORY_LOCK_KEY,
-        create_engine=_create_engine,
-        revision=revision,
-    )
-
-
-def downgrade(database: str | Engine, revision: str) -> None:
-    """Migrate the bridge tables down to ``revision`` (``"base"`` drops them all)."""
-    _shared.downgrade(
-        database,
-        script_location=MIGRATIONS_DIR,
-        version_table=VERSION_TABLE,
-        lock_key=_ADVISORY_LOCK_KEY,
-        create_engine=_create_engine,
-        revision=revision,
-    )
+head_revision: Final = _MIGRATIONS.head_revision
+current_revision: Final = _MIGRATIONS.current_revision
+upgrade: Final = _MIGRATIONS.upgrade
+downgrade: Final = _MIGRATIONS.downgrade
