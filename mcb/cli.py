@@ -36,7 +36,7 @@ from attestations.disclosure import ClientProof, verify_client_proof
 from attestations.errors import BridgeError, CounterpartyError, DecodeError, FloatRejected
 from attestations.hsm import Pkcs11Signer
 from attestations.keys import KeyRegistry
-from attestations.p256 import DigestSigner, SoftwareP256Signer
+from attestations.p256 import DigestSigner
 from attestations.signing import BlsCosigner, Cosigner
 from attestations.statement import MAX_SEQUENCE
 from attestations.translog import TransparencyLog
@@ -71,6 +71,7 @@ from custodian.store import CustodyBook
 from mcb.config import ENV_HSM_PIN, CustodianConfig, InvalidConfiguration, load_config
 from mcb.demo import run_demo
 from mcb.exchange_cli import add_exchange_parser
+from mcb.signers import open_signer
 
 logger = logging.getLogger(__name__)
 
@@ -380,37 +381,18 @@ COSIGNER_WARNING: Final = (
 )
 
 
-def _read_pin(config: CustodianConfig) -> str:
-    """The token PIN from the configured file, else from ``$MCB_HSM_PIN``: never from argv,
-    where any local user could read it."""
-    hsm = config.hsm
-    if hsm is not None and hsm.pin_file is not None:
-        pin = Path(hsm.pin_file).read_text(encoding="utf-8").strip()
-    else:
-        pin = os.environ.get(ENV_HSM_PIN, "").strip()
-    if not pin:
-        raise InvalidConfiguration(
-            f"no HSM PIN: set pin_file in [hsm] or ${ENV_HSM_PIN} (never on the command line)"
-        )
-    return pin
-
-
 def open_serve_signer(config: CustodianConfig, *, software_key: bool) -> DigestSigner:
     """The custodian key: on the configured PKCS#11 token, or (only when asked) in memory."""
-    if software_key:
-        print(SOFTWARE_KEY_WARNING, file=sys.stderr)
-        return SoftwareP256Signer(insecure_development_only=True)
-    hsm = config.hsm
-    if hsm is None:
-        raise InvalidConfiguration(
+    return open_signer(
+        config.hsm,
+        software_key=software_key,
+        software_key_warning=SOFTWARE_KEY_WARNING,
+        section="hsm",
+        pin_env=ENV_HSM_PIN,
+        no_hsm_message=(
             "serve needs the custodian key's token: an [hsm] section with token_label "
             "(or --software-key, for development only)"
-        )
-    pin = _read_pin(config)
-    if hsm.library_path is None:
-        return Pkcs11Signer.open(token_label=hsm.token_label, pin=pin, key_label=hsm.key_label)
-    return Pkcs11Signer.open(
-        library_path=hsm.library_path, token_label=hsm.token_label, pin=pin, key_label=hsm.key_label
+        ),
     )
 
 

@@ -32,7 +32,7 @@ from attestations.canonical import parse_json_object
 from attestations.errors import BridgeError, ConfigurationError, CounterpartyError, TransientError
 from attestations.hsm import Pkcs11Signer
 from attestations.keys import KeyRegistry, KeyRole
-from attestations.p256 import DigestSigner, SoftwareP256Signer
+from attestations.p256 import DigestSigner
 from bridge.broker import EmbeddedBroker
 from bridge.kafka import KafkaSettings
 from exchange.api import TokenStore
@@ -46,6 +46,7 @@ from mcb.config import (
     InvalidConfiguration,
     load_config,
 )
+from mcb.signers import open_signer
 
 SOFTWARE_KEY_WARNING: Final = (
     "mcb: WARNING: --software-key: the exchange's notice key is generated in memory and lost at "
@@ -112,37 +113,19 @@ def load_custodian_keys(sources: Sequence[CustodianSource]) -> KeyRegistry:
     return merged
 
 
-def _read_pin(config: ExchangeConfig) -> str:
-    """The token PIN from the configured file, else from ``$MCB_EXCHANGE_HSM_PIN``."""
-    hsm = config.hsm
-    if hsm is not None and hsm.pin_file is not None:
-        pin = Path(hsm.pin_file).read_text(encoding="utf-8").strip()
-    else:
-        pin = os.environ.get(ENV_EXCHANGE_HSM_PIN, "").strip()
-    if not pin:
-        raise InvalidConfiguration(
-            f"no HSM PIN: set pin_file in [exchange.hsm] or ${ENV_EXCHANGE_HSM_PIN}"
-        )
-    return pin
-
-
 def open_exchange_signer(config: ExchangeConfig, *, software_key: bool) -> DigestSigner:
     """The exchange's notice key: on the configured PKCS#11 token, or (only when asked) in
     memory."""
-    if software_key:
-        print(SOFTWARE_KEY_WARNING, file=sys.stderr)
-        return SoftwareP256Signer(insecure_development_only=True)
-    hsm = config.hsm
-    if hsm is None:
-        raise InvalidConfiguration(
+    return open_signer(
+        config.hsm,
+        software_key=software_key,
+        software_key_warning=SOFTWARE_KEY_WARNING,
+        section="exchange.hsm",
+        pin_env=ENV_EXCHANGE_HSM_PIN,
+        no_hsm_message=(
             "exchange serve needs the exchange key's token: an [exchange.hsm] section with "
             "token_label (or --software-key, for development only)"
-        )
-    pin = _read_pin(config)
-    if hsm.library_path is None:
-        return Pkcs11Signer.open(token_label=hsm.token_label, pin=pin, key_label=hsm.key_label)
-    return Pkcs11Signer.open(
-        library_path=hsm.library_path, token_label=hsm.token_label, pin=pin, key_label=hsm.key_label
+        ),
     )
 
 
