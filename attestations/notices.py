@@ -77,7 +77,8 @@ from attestations.p256 import DigestSigner, verify_p256_digest
 from attestations.signing import sign_digest_checked
 from attestations.statement import (
     MAX_SEQUENCE,
-    P256_ALGORITHM,
+    compute_p256_signature_wire,
+    parse_p256_signature_wire,
     require_bytes,
     require_int,
     require_list,
@@ -964,7 +965,6 @@ _BODY_TYPES: Final[Mapping[NoticeType, type[NoticeBody]]] = {
     NoticeType.RELEASE_ACK: ReleaseAck,
 }
 _SIGNED_KEYS: Final = frozenset({"notice", "signature", "type", "version"})
-_SIGNATURE_KEYS: Final = frozenset({"algorithm", "key_id", "signature"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -979,21 +979,12 @@ class NoticeSignature:
         require_bytes(self.signature, what="notice signature", length=64)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "algorithm": P256_ALGORITHM,
-            "key_id": self.key_id,
-            "signature": self.signature.hex(),
-        }
+        return compute_p256_signature_wire(key_id=self.key_id, signature=self.signature)
 
     @classmethod
     def from_wire(cls, obj: object) -> NoticeSignature:
-        m = require_members(obj, what="notice signature", keys=_SIGNATURE_KEYS)
-        if m["algorithm"] != P256_ALGORITHM:
-            raise DecodeError(f"notice signature algorithm must be {P256_ALGORITHM}")
-        return cls(
-            key_id=validate_key_id(m["key_id"]),
-            signature=parse_hex(m["signature"], length=64, what="notice signature"),
-        )
+        key_id, signature = parse_p256_signature_wire(obj, what="notice signature")
+        return cls(key_id=key_id, signature=signature)
 
 
 @dataclass(frozen=True, slots=True)

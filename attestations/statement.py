@@ -74,7 +74,7 @@ _STATEMENT_KEYS: Final = frozenset(
     }
 )
 _SIGNED_KEYS: Final = frozenset({"custodian_signature", "quorum_signature", "statement", "version"})
-_CUSTODIAN_SIG_KEYS: Final = frozenset({"algorithm", "key_id", "signature"})
+_P256_SIGNATURE_KEYS: Final = frozenset({"algorithm", "key_id", "signature"})
 _QUORUM_SIG_KEYS: Final = frozenset({"algorithm", "signature", "signers"})
 
 
@@ -355,6 +355,26 @@ class Statement:
 # --- signatures ---------------------------------------------------------------------------------
 
 
+def compute_p256_signature_wire(*, key_id: str, signature: bytes) -> dict[str, Any]:
+    """The wire object of one ECDSA P-256 signature (64 bytes ``r || s``) by ``key_id``: the
+    members ``algorithm``, ``key_id`` and ``signature`` (hex). The custodian's signature of a
+    statement and the exchange's of a notice are written alike."""
+    return {
+        "algorithm": P256_ALGORITHM,
+        "key_id": key_id,
+        "signature": signature.hex(),
+    }
+
+
+def parse_p256_signature_wire(obj: object, *, what: str) -> tuple[str, bytes]:
+    """The key id and 64 signature bytes of :func:`compute_p256_signature_wire`'s object;
+    DecodeError, naming ``what``, for any other member, another algorithm or another length."""
+    m = require_members(obj, what=what, keys=_P256_SIGNATURE_KEYS)
+    if m["algorithm"] != P256_ALGORITHM:
+        raise DecodeError(f"{what} algorithm must be {P256_ALGORITHM}")
+    return validate_key_id(m["key_id"]), parse_hex(m["signature"], length=64, what=what)
+
+
 @dataclass(frozen=True, slots=True)
 class CustodianSignature:
     """ECDSA P-256 over the statement digest by the custodian's HSM key: 64 bytes r || s."""
@@ -367,21 +387,12 @@ class CustodianSignature:
         require_bytes(self.signature, what="custodian signature", length=64)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "algorithm": P256_ALGORITHM,
-            "key_id": self.key_id,
-            "signature": self.signature.hex(),
-        }
+        return compute_p256_signature_wire(key_id=self.key_id, signature=self.signature)
 
     @classmethod
     def from_wire(cls, obj: object) -> CustodianSignature:
-        m = require_members(obj, what="custodian_signature", keys=_CUSTODIAN_SIG_KEYS)
-        if m["algorithm"] != P256_ALGORITHM:
-            raise DecodeError(f"custodian signature algorithm must be {P256_ALGORITHM}")
-        return cls(
-            key_id=validate_key_id(m["key_id"]),
-            signature=parse_hex(m["signature"], length=64, what="custodian signature"),
-        )
+        key_id, signature = parse_p256_signature_wire(obj, what="custodian signature")
+        return cls(key_id=key_id, signature=signature)
 
 
 @dataclass(frozen=True, slots=True)

@@ -650,6 +650,39 @@ def test_every_margin_member_is_covered() -> None:
     assert {m for m, _, _ in MARGIN_TAMPERING} == set(margin_call().to_wire())
 
 
+def _tamper_signature(member: str, value: Any) -> bytes:
+    wire = wire_of(sign_notice(margin_call(), EXCHANGE))
+    if value is None:
+        del wire["signature"][member]
+    else:
+        wire["signature"][member] = value
+    return compute_canonical_bytes(wire)
+
+
+@pytest.mark.parametrize(
+    ("member", "value", "expected"),
+    [
+        ("algorithm", "ecdsa-p256-sha256", "ok"),  # unchanged: the control case
+        ("algorithm", "ecdsa-p384-sha384", "malformed"),
+        ("algorithm", None, "malformed"),
+        ("key_id", None, "malformed"),
+        ("key_id", "AB" * 32, "malformed"),
+        ("signature", "00" * 63, "malformed"),
+        ("signature", "00" * 65, "malformed"),
+        ("signature", "zz" * 64, "malformed"),
+        ("signature", 7, "malformed"),
+        ("extra", "x", "malformed"),
+    ],
+)
+def test_the_signature_member_is_read_strictly(member: str, value: Any, expected: str) -> None:
+    assert reason(lambda: verify_bytes(_tamper_signature(member, value))) == expected
+
+
+def test_a_signature_by_another_registered_key_id_is_refused() -> None:
+    other = wire_of(sign_notice(margin_call(), OTHER_EXCHANGE))["signature"]["key_id"]
+    assert reason(lambda: verify_bytes(_tamper_signature("key_id", other))) != "ok"
+
+
 @pytest.mark.parametrize(
     ("member", "value", "expected"),
     [
