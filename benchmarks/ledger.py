@@ -27,9 +27,14 @@ Three measurements, one process:
 * **pledge-to-credit**: the publishing path of benchmarks/publish.py (embedded Tansu broker,
   SQLite custody book, ``AttestationService`` in its ``run`` loop, ``OutboxRelay``) with the
   exchange's ``AttestationConsumer`` writing through a ``MarginDesk`` (desk mode) as the
-  receiver; every client has an exposure report, so each statement re-evaluates every holder.
-  For each pledge: from its commit at the custodian to the moment the exchange's ledger shows it
-  (the consumer's transaction committed and the change applied in memory).
+  receiver; every client has an exposure report, so every client is a holder whose margin state
+  a statement may move (with the price table unchanged, as here, the ledger evaluates the
+  clients whose holdings changed). For each pledge: from its commit at the custodian to the
+  moment the exchange's ledger shows it (the consumer's transaction committed and the change
+  applied in memory).
+
+The garbage collector is tuned as the exchange service tunes it
+(:func:`exchange.service.tune_garbage_collector`, once the ledger is loaded).
 
 Human-readable lines first; the last line is one JSON object.
 """
@@ -99,6 +104,7 @@ from exchange.consumer import AttestationConsumer
 from exchange.desk import MarginDesk
 from exchange.ledger import ExposureReport, MarginLedger, StreamHead, StreamStatus
 from exchange.policy import CollateralPolicy
+from exchange.service import tune_garbage_collector
 from exchange.store import create_exchange_engine, load_ledger, migrate, run_transaction
 
 DECIMALS = {"BTC": 8, "USDC": 6}
@@ -309,6 +315,7 @@ def run_credits(engine: Engine, *, leaves: int, delta: int) -> dict[str, Any]:
     )
     delta_plan.commit()
     consumer = open_consumer(engine, custodian.registry(), clock_at=START + timedelta(seconds=5))
+    tune_garbage_collector()  # as the exchange service does once its ledger is loaded
     snapshot = credit_once(consumer, delivery_of(signed, disclosure, 0), leaves=leaves)
     moved = credit_once(
         consumer,
@@ -479,6 +486,7 @@ def time_calls(call: Callable[[str, int], object], queries: list[tuple[str, int]
 def run_pretrade(clients: int, calls: int, engine: Engine) -> dict[str, Any]:
     now = START
     ledger = pretrade_ledger(clients, now=now)
+    tune_garbage_collector()
     desk = MarginDesk(
         ledger=ledger,
         engine=engine,
@@ -592,6 +600,7 @@ async def run_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         engine = create_exchange_engine(f"sqlite:///{workdir / 'exchange.sqlite3'}")
         migrate(engine)
         ledger, streams = load_ledger(engine, policy, DECIMALS)
+        tune_garbage_collector()
         desk = MarginDesk(ledger=ledger, engine=engine, exchange=EXCHANGE, signer=signer)
         consumer = TimedCredit.open(
             engine,
@@ -619,7 +628,7 @@ async def run_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any
                 lambda: any(seq >= seeded_sequence for seq, _, _ in consumer.credited_at),
                 what="the seeded statements at the exchange",
             )
-            # Every client trades: each statement re-values every holder and re-runs its state.
+            # Every client trades: each statement may move any holder's margin state.
             now = datetime.now(UTC)
             for index, client in enumerate(clients):
                 report = ExposureReport(

@@ -47,6 +47,7 @@ from attestations.statement import MAX_SEQUENCE, StatementKind
 from bridge.topics import parse_stream_key
 from exchange.errors import StreamFrozen, StreamNotFrozen, UnknownStream
 from exchange.policy import (
+    BPS,
     CollateralPolicy,
     Freshness,
     MarginState,
@@ -135,6 +136,14 @@ def _stamp(moment: datetime) -> str:
 
 def _frozen_map(items: Mapping[_K, _V]) -> Mapping[_K, _V]:
     return MappingProxyType(dict(items))
+
+
+_NEW_HOLDING: Final[Mapping[str, str | int]] = MappingProxyType({"before": 0})
+"""The detail of a ``credit`` entry for a holding that did not exist: one read-only mapping shared
+by every such entry (a first snapshot of 100,000 leaves makes 100,000 of them)."""
+_EVERY_STREAM_LIVE: Final = datetime(1, 1, 1, tzinfo=UTC)
+"""A moment before any statement was issued: every stream is fresh then, so an assessment at this
+moment values every position, whatever the streams' ages (see ``MarginLedger._covered_at``)."""
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -273,7 +282,11 @@ class JournalEntry:
         _aware(self.at, what="journal time")
         if self.kind not in JOURNAL_KINDS:
             raise DecodeError(f"unknown journal kind {self.kind!r}")
-        object.__setattr__(self, "detail", _frozen_map(self.detail))
+        if type(self.detail) is not MappingProxyType:
+            # A read-only proxy is taken as it is: the ledger shares one between the entries
+            # that have the same detail. Anything else is copied, so a caller changing its dict
+            # later does not change the entry.
+            object.__setattr__(self, "detail", _frozen_map(self.detail))
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +597,18 @@ class MarginLedger:
         self._stream_clients: dict[str, dict[str, int]] = {}  # stream -> client -> assets held
         self._stream_assets: dict[str, dict[str, int]] = {}  # stream -> asset -> holders
         self._exposed: set[str] = set()  # clients with exposure or requirement, or not healthy
+        # The generation at which every healthy client is known to be covered (ratio none or at
+        # or above the margin-call level) with every stream's positions counted, whatever the
+        # streams' ages: then a statement that changes neither the stream's prices nor any
+        # release cap cannot move a healthy holder whose holdings it leaves alone (see
+        # plan_statement). Every plan keeps the property (a client it may lower is evaluated, a
+        # release is allowed only within the margin), so apply() carries it to the next
+        # generation; a restore checks it; a change of state outside apply() (a reset) moves the
+        # generation without it, and the next statement finds out again. None: not known.
+        self._covered_at: int | None = 0
+        # The generation at which that property is known NOT to hold (a restore or a reset under
+        # another policy): statements evaluate every holder until an evaluation finds nothing.
+        self._uncovered_at: int | None = None
 
     # --- restore and inspect --------------------------------------------------------------------
 
@@ -644,6 +669,8 @@ class MarginLedger:
             )
         )
         ledger.generation = 0
+        ledger._covered_at = None
+        ledger._learn_coverage()
         return ledger
 
     def state(self) -> LedgerState:
@@ -703,13 +730,23 @@ class MarginLedger:
     # --- planning -------------------------------------------------------------------------------
 
     def plan_statement(
-        self, credited: CreditedStatement, *, now: datetime, resync_from: int | None = None
+        self,
+        credited: CreditedStatement,
+        *,
+        now: datetime,
+        resync_from: int | None = None,
+        full_evaluation: bool = False,
     ) -> LedgerChange:
         """Credit a verified statement. ``resync_from`` is given when a snapshot answers a
         snapshot request and cannot be linked to the head: the links from ``resync_from`` up to
         the snapshot are journaled as unverified. Raises StreamFrozen on a frozen stream,
         PolicyViolation for an asset outside the asset table, InvariantViolation for a statement
-        that does not follow the head (the consumer verifies the chain before this)."""
+        that does not follow the head (the consumer verifies the chain before this).
+
+        Margin states are evaluated for the clients whose state the statement can change
+        (:meth:`_statement_affected`); ``full_evaluation`` evaluates every holder of the stream
+        with exposure or a margin state and every client whose holdings changed instead. The
+        change is the same either way (the property tests compare them)."""
         _aware(now, what="now")
         stream = credited.stream
         head = credited.head
@@ -743,13 +780,9 @@ class MarginLedger:
             now=now,
         )
 
-        # Prices and freshness changed for every holder of the stream; holdings for some.
-        holders = self._stream_clients.get(stream, {})
-        if len(holders) <= len(self._exposed):
-            affected = {c for c in holders if c in self._exposed}
-        else:
-            affected = {c for c in self._exposed if c in holders}
-        affected.update(account for account, _ in diffs)
+        affected = self._statement_affected(
+            credited, previous=previous, prices=prices, diffs=diffs, now=now, full=full_evaluation
+        )
         notices: list[Notice] = []
         self._evaluate(affected, now=now, pending=pending, journal=journal, notices=notices)
         return LedgerChange(
@@ -809,6 +842,11 @@ class MarginLedger:
         self._evaluate(
             set(self._exposed), now=now, pending=pending, journal=journal, notices=notices
         )
+        if not pending.margins:
+            # Nothing moves: every healthy client is covered at ``now``, so with every stream
+            # counted too. A fact about the current state, not a change of it (see _covered_at).
+            self._covered_at = self.generation
+            self._uncovered_at = None
         return LedgerChange(
             generation=self.generation,
             margins=pending.margins,
@@ -1047,6 +1085,12 @@ class MarginLedger:
             raise InvariantViolation(
                 f"a change planned at generation {change.generation} applied at {self.generation}"
             )
+        # Every plan keeps every healthy client covered (see _covered_at); one that was not
+        # stays so as far as is known.
+        self._covered_at = self.generation + 1 if self._covered_at == change.generation else None
+        self._uncovered_at = (
+            self.generation + 1 if self._uncovered_at == change.generation else None
+        )
         self._streams.update(change.streams)
         for stream in sorted(set(change.positions) | change.replace_positions):
             self._apply_positions(
@@ -1255,6 +1299,7 @@ class MarginLedger:
                     },
                 )
             )
+        valuers = {asset: self._valuer(asset, prices.get(asset)) for _, asset in diffs}
         journal.extend(
             JournalEntry(
                 at=now,
@@ -1264,8 +1309,8 @@ class MarginLedger:
                 asset=asset,
                 sequence=head.sequence,
                 quantity=after,
-                value=self._value(asset, after, prices.get(asset)),
-                detail={"before": before},
+                value=after * valuers[asset][0] // valuers[asset][1],
+                detail=_NEW_HOLDING if before == 0 else {"before": before},
             )
             for (account, asset), (before, after) in sorted(diffs.items())
         )
@@ -1300,6 +1345,101 @@ class MarginLedger:
             rate_bps=self.policy.rate_bps(asset),
             quote_decimals=self.policy.quote_decimals,
         )
+
+    def _valuer(self, asset: str, price: Price | None) -> tuple[int, int]:
+        """``(factor, divisor)`` such that the value of ``quantity`` units of ``asset`` at
+        ``price`` is ``quantity * factor // divisor``: the one integer expression of
+        :func:`~exchange.policy.compute_position_value` with the per-asset part multiplied out
+        once (for the many credit entries of one statement; exact, as integer products are)."""
+        self._value(asset, 0, price)  # checks the decimals, the rate and the price as it does
+        if price is None:
+            return 0, 1
+        factor = price.mantissa * 10**self.policy.quote_decimals * self.policy.rate_bps(asset)
+        return factor, 10 ** (self.decimals[asset] + price.scale) * BPS
+
+    def _statement_affected(
+        self,
+        credited: CreditedStatement,
+        *,
+        previous: StreamHead | None,
+        prices: Mapping[str, Price],
+        diffs: Mapping[Holding, tuple[int, int]],
+        now: datetime,
+        full: bool,
+    ) -> set[str]:
+        """The clients whose margin state a statement can change, to evaluate.
+
+        A client without exposure or requirement and healthy (not in ``_exposed``) has no
+        ratio and stays healthy whatever its collateral: never evaluated. Of the others, every
+        holder of the stream, since the statement's prices and freshness apply to all of them,
+        and every client whose holdings changed; except when nothing that values the holders'
+        unchanged positions moved: the same price table, a head still counted at ``now``,
+        issued no earlier than the previous one (so no release cap comes back into force), and
+        every healthy client covered with all its positions counted (``_covered_at``). A
+        healthy holder left alone then keeps a ratio at or above the margin-call level unless
+        another of its streams counts as zero at ``now``; so only those holders, the holders
+        not healthy (a deadline may have passed, a cure may come) and the changed clients are
+        evaluated. ``full`` evaluates every holder and every changed client, as a reference."""
+        stream, head = credited.stream, credited.head
+        exposed = self._exposed
+        holders = self._stream_clients.get(stream, {})
+        if len(holders) <= len(exposed):
+            exposed_holders = {c for c in holders if c in exposed}
+        else:
+            exposed_holders = {c for c in exposed if c in holders}
+        if full:
+            return exposed_holders | {account for account, _ in diffs}
+        changed = {account for account, _ in diffs if account in exposed}
+        if exposed_holders and self.generation not in (self._covered_at, self._uncovered_at):
+            self._learn_coverage()
+        unchanged_valuation = (
+            self._covered_at == self.generation
+            and previous is not None
+            and head.issued_at >= previous.issued_at
+            and prices == self._prices.get(stream, {})
+            and compute_freshness(
+                now=now, issued_at=head.issued_at, expires_at=head.expires_at, policy=self.policy
+            )
+            is not Freshness.ZERO
+        )
+        if not unchanged_valuation:
+            return exposed_holders | changed
+        zero = {
+            other
+            for other, status in self._streams.items()
+            if other != stream
+            and status.head is not None
+            and compute_freshness(
+                now=now,
+                issued_at=status.head.issued_at,
+                expires_at=status.head.expires_at,
+                policy=self.policy,
+            )
+            is Freshness.ZERO
+        }
+        margins = self._margins
+        for client in exposed_holders:
+            margin = margins.get(client)
+            if (margin is not None and margin.state is not MarginState.HEALTHY) or (
+                zero and not zero.isdisjoint(self._holdings[client])
+            ):
+                changed.add(client)
+        return changed
+
+    def _learn_coverage(self) -> None:
+        """Find out whether every healthy client is covered with every position counted
+        (whatever the streams' ages), and record it for the current generation
+        (``_covered_at`` or ``_uncovered_at``): a fact about the state, not a change of it.
+        As costly as evaluating every exposed client once; done after a restore or a reset."""
+        for client in self._exposed:
+            margin = self._margins.get(client)
+            if margin is not None and margin.state is not MarginState.HEALTHY:
+                continue
+            ratio = self._assess(client, now=_EVERY_STREAM_LIVE, pending=_NOTHING_PENDING).ratio_bps
+            if ratio is not None and ratio < self.policy.margin_call_bps:
+                self._uncovered_at = self.generation
+                return
+        self._covered_at = self.generation
 
     def _is_known(self, client: str) -> bool:
         return client in self._holdings or client in self._exposures or client in self._margins

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -62,6 +63,27 @@ DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8090
 EVALUATOR_LATE_FACTOR: Final = 3
 """The evaluator is reported late when its last pass is older than this many intervals."""
+GC_THRESHOLDS: Final = (50_000, 20, 10)
+"""The cyclic garbage collector's thresholds in an exchange process (CPython's default is 700,
+10, 10). See :func:`tune_garbage_collector`."""
+
+
+def tune_garbage_collector() -> None:
+    """Set :data:`GC_THRESHOLDS` and freeze every object alive now (call it once the ledger and
+    the receiver trees are loaded).
+
+    Why: the ledger and the trees are millions of long-lived container objects (a position, a
+    leaf, a node per tree level), and crediting a large snapshot allocates hundreds of thousands
+    more. With the default thresholds the collector ran a full collection every 70,000 net
+    allocations that the heap had grown enough for, rescanning all of it each time: six full
+    collections took 1.26 s of a 6.55 s credit of 100,000 leaves. Frozen objects are never
+    scanned again (they are still freed by reference counting, only a cycle among them would
+    stay), and with these thresholds a full collection waits for ten million net allocations,
+    so a bulk credit runs without one. Young collections still run every 50,000 net
+    allocations, which bounds the memory held by short-lived cycles (SQLAlchemy, asyncio)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.collect()
+    gc.freeze()
 
 
 def _utc_now() -> datetime:
@@ -168,13 +190,15 @@ class ExchangeService:
         relay_options: Mapping[str, Any] | None = None,
     ) -> Self:
         """Migrate the database (``sqlite:///...``, ``postgresql+psycopg://...`` or an engine),
-        load the ledger and build every part. ``consumer_options`` go to both consumers
+        load the ledger, tune the garbage collector (:func:`tune_garbage_collector`) and build
+        every part. ``consumer_options`` go to both consumers
         (back-off, position checks), ``relay_options`` to the relay."""
         owns = isinstance(database, str)
         engine = create_exchange_engine(database) if isinstance(database, str) else database
         try:
             migrate(engine)
             ledger, streams = load_ledger(engine, policy, decimals)
+            tune_garbage_collector()
             desk = MarginDesk(
                 ledger=ledger, engine=engine, exchange=exchange, signer=signer, catalogue=catalogue
             )

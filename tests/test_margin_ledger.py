@@ -1188,3 +1188,364 @@ def test_property_allowed_releases_keep_the_client_within_its_limit(
         assert status.exposure <= status.credit_limit or not decision.allowed
         (view,) = status.positions
         assert view.reserved == released <= BTC
+
+
+# --- which clients a statement evaluates ----------------------------------------------------------
+
+
+def test_credit_entries_value_each_position_as_the_policy_does(ledger: MarginLedger) -> None:
+    changed = {
+        ("alice", "BTC"): 123_456_789,
+        ("bob", "ETH"): UNITS_LIMIT - 1,
+        ("carol", "DOGE"): 5 * BTC,
+        ("dave", "USDC"): 7,
+    }
+    prices = {
+        "BTC": usd("BTC", "64123.45"),
+        "ETH": Price("ETH", "USD", 10**30 + 7, 3),
+        "DOGE": usd("DOGE", "0.10"),  # priced, but a rate of 0
+    }  # USDC unpriced: counted at zero
+    change = ledger.plan_statement(statement(A, 1, changed, prices=prices), now=T0)
+    credits = [entry for entry in change.journal if entry.kind == "credit"]
+    assert {(e.client, e.asset) for e in credits} == set(changed)
+    for entry in credits:
+        assert entry.asset is not None
+        assert entry.quantity is not None
+        assert entry.value == compute_position_value(
+            quantity=entry.quantity,
+            asset_decimals=DECIMALS[entry.asset],
+            price=prices.get(entry.asset),
+            rate_bps=POLICY.rate_bps(entry.asset),
+            quote_decimals=POLICY.quote_decimals,
+        )
+        assert entry.detail == {"before": 0}
+    assert next(e.value or 0 for e in credits if e.asset == "BTC") > 0
+    commit(ledger, change)
+    later = ledger.plan_statement(
+        statement(A, 2, {("alice", "BTC"): 1}, snapshot=False, prices=prices), now=T0
+    )
+    (moved,) = [entry for entry in later.journal if entry.kind == "credit"]
+    assert (moved.quantity, moved.detail) == (1, {"before": 123_456_789})
+
+
+def test_journal_detail_is_copied_and_read_only() -> None:
+    detail: dict[str, str | int] = {"before": 1}
+    entry = JournalEntry(at=T0, kind="credit", detail=detail)
+    detail["before"] = 2
+    assert entry.detail == {"before": 1}
+    with pytest.raises(TypeError):
+        entry.detail["before"] = 3  # type: ignore[index]
+
+
+def _count_assessments(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The clients the ledger assesses from now on, in order (an evaluation assesses each
+    client it evaluates once)."""
+    assessed: list[str] = []
+    original = MarginLedger._assess
+
+    def counting(self: MarginLedger, client: str, **kwargs: object) -> object:
+        assessed.append(client)
+        return original(self, client, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MarginLedger, "_assess", counting)
+    return assessed
+
+
+def _exposed_holders(ledger: MarginLedger, count: int) -> list[str]:
+    names = [f"c{i:03d}" for i in range(count)]
+    commit(ledger, ledger.plan_statement(statement(A, 1, {(n, "BTC"): BTC for n in names}), now=T0))
+    for name in names:
+        # 1 BTC at 60,000 USD counts 48,000 USD: a requirement of 40,000 USD is covered.
+        report = exposure(name, f"r-{name}", exposure=1, requirement=4_000_000)
+        commit(ledger, ledger.plan_exposure(report, now=T0))
+    return names
+
+
+def test_a_statement_that_moves_no_price_evaluates_only_the_clients_it_changes(
+    ledger: MarginLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = _exposed_holders(ledger, 40)
+    assessed = _count_assessments(monkeypatch)
+    later = T0 + timedelta(seconds=30)
+    # c007 loses half its BTC (margin call); zed, credited without exposure, cannot move.
+    delta = statement(
+        A, 2, {("c007", "BTC"): BTC // 2, ("zed", "BTC"): BTC}, snapshot=False, at=later
+    )
+    change = ledger.plan_statement(delta, now=later)
+    assert assessed == ["c007"]
+    assert set(change.margins) == {"c007"}
+    assessed.clear()
+    assert ledger.plan_statement(delta, now=later, full_evaluation=True) == change
+    assert sorted(assessed) == sorted([*names, "zed"])
+    # Another price table re-values every holder.
+    assessed.clear()
+    repriced = replace(delta, prices={"BTC": usd("BTC", "59000.00")})
+    ledger.plan_statement(repriced, now=later)
+    assert sorted(assessed) == names
+    # A head that counts as zero at ``now`` re-values every holder too.
+    assessed.clear()
+    late = later + POLICY.stale_after + POLICY.zero_grace + timedelta(seconds=1)
+    zeroed = ledger.plan_statement(delta, now=late)
+    assert sorted(assessed) == names
+    assert set(zeroed.margins) == set(names)
+
+
+def test_holders_of_a_stream_counted_as_zero_elsewhere_are_evaluated(
+    ledger: MarginLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = _exposed_holders(ledger, 5)
+    # c001 also holds on B, which counts as zero by the time A's next statement arrives.
+    commit(ledger, ledger.plan_statement(statement(B, 1, {("c001", "BTC"): BTC}), now=T0))
+    assessed = _count_assessments(monkeypatch)
+    late = T0 + POLICY.stale_after + POLICY.zero_grace + timedelta(seconds=1)
+    delta = statement(A, 2, {("c003", "BTC"): 2 * BTC}, snapshot=False, at=late)
+    change = ledger.plan_statement(delta, now=late)
+    assert sorted(assessed) == ["c001", "c003"]
+    assert change == ledger.plan_statement(delta, now=late, full_evaluation=True)
+    assert names[1] == "c001"
+
+
+def test_a_restored_ledger_with_an_uncovered_healthy_client_evaluates_every_holder(
+    ledger: MarginLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = _exposed_holders(ledger, 5)
+    state = ledger.state()
+    # Restored under a policy that counts BTC at half the rate: every client is short of its
+    # requirement, but healthy as persisted. The next statement must find out, even though it
+    # moves no price and changes one other client.
+    halved = CollateralPolicy.default(rates_bps={"BTC": 4_000})
+    restored = MarginLedger.restore(
+        halved,
+        decimals=DECIMALS,
+        streams=state.streams.values(),
+        positions=state.positions,
+        prices=state.prices,
+        exposures=state.exposures.values(),
+        margins=state.margins.values(),
+    )
+    later = T0 + timedelta(seconds=30)
+    delta = statement(A, 2, {("c000", "BTC"): 2 * BTC}, snapshot=False, at=later)
+    change = restored.plan_statement(delta, now=later)
+    assert set(change.margins) == set(names[1:])
+    assert change == restored.plan_statement(delta, now=later, full_evaluation=True)
+    commit(restored, change)
+    # Every healthy client is covered again: the shortcut is back.
+    assert restored.plan_evaluation(now=later).is_empty
+    assessed = _count_assessments(monkeypatch)
+    again = statement(A, 3, {("c000", "BTC"): 3 * BTC}, snapshot=False, at=later)
+    restored.plan_statement(again, now=later)
+    # c000 changed; the others are in margin call (a deadline may pass).
+    assert sorted(assessed) == names
+
+
+def test_after_a_reset_the_next_statement_checks_every_exposed_client_once(
+    ledger: MarginLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = _exposed_holders(ledger, 5)
+    state = ledger.state()
+    loaded = MarginLedger.restore(
+        POLICY,
+        decimals=DECIMALS,
+        streams=state.streams.values(),
+        positions=state.positions,
+        prices=state.prices,
+        exposures=state.exposures.values(),
+        margins=state.margins.values(),
+    )
+    ledger.reset(loaded)
+    assessed = _count_assessments(monkeypatch)
+    later = T0 + timedelta(seconds=30)
+    delta = statement(A, 2, {("c000", "BTC"): 2 * BTC}, snapshot=False, at=later)
+    change = ledger.plan_statement(delta, now=later)
+    # Every exposed client valued once to learn that all are covered, then c000 evaluated.
+    assert sorted(assessed) == sorted([*names, "c000"])
+    assessed.clear()
+    assert ledger.plan_statement(delta, now=later) == change
+    assert assessed == ["c000"]
+    commit(ledger, change)
+    assessed.clear()
+    again = statement(A, 3, {("c001", "BTC"): 2 * BTC}, snapshot=False, at=later)
+    ledger.plan_statement(again, now=later)
+    assert assessed == ["c001"]
+
+
+def test_a_head_issued_before_the_last_one_evaluates_every_holder(ledger: MarginLedger) -> None:
+    # Released units count again once a statement issued after the release's expiry shows the
+    # stream; a later statement issued earlier than that one puts the release's cap back.
+    commit(ledger, ledger.plan_statement(statement(A, 1, {("alice", "BTC"): BTC}), now=T0))
+    report = exposure("alice", "r1", exposure=1, requirement=2_000_000)
+    commit(ledger, ledger.plan_exposure(report, now=T0))
+    decision, change = ledger.plan_release(
+        "alice",
+        stream=A,
+        asset="BTC",
+        quantity=BTC // 2,
+        release_id=RELEASE_ID,
+        issued_at=T0,
+        expires_at=EXPIRES,
+        now=T0,
+    )
+    assert decision.allowed
+    commit(ledger, change)
+    after_expiry = T0 + timedelta(minutes=20)
+    shown = statement(A, 2, {}, snapshot=False, at=after_expiry)
+    commit(ledger, ledger.plan_statement(shown, now=after_expiry))
+    more = exposure("alice", "r2", exposure=1, requirement=3_000_000, at=after_expiry)
+    commit(ledger, ledger.plan_exposure(more, now=after_expiry))
+    status = ledger.client_status("alice", now=after_expiry)
+    assert status is not None
+    assert status.state is MarginState.HEALTHY
+    now = after_expiry + timedelta(minutes=1)
+    earlier = statement(A, 3, {("bob", "BTC"): BTC}, snapshot=False, at=T0 + timedelta(minutes=10))
+    change = ledger.plan_statement(earlier, now=now)
+    assert change.margins["alice"].state is MarginState.MARGIN_CALL
+    assert change == ledger.plan_statement(earlier, now=now, full_evaluation=True)
+
+
+SHORTCUT_TABLES = (
+    {"BTC": usd("BTC", "60000.00"), "USDC": usd("USDC", "1.00")},
+    {"BTC": usd("BTC", "30000.00"), "USDC": usd("USDC", "1.00")},
+    {"BTC": usd("BTC", "60000.00")},
+)
+# Margin calls fall due within a run of steps.
+SHORT_DEADLINE = CollateralPolicy.default(margin_call_deadline=timedelta(minutes=20))
+LOW_RATES = replace(SHORT_DEADLINE, rates_bps={"BTC": 4_000, "USDC": 5_000})
+shortcut_statement = st.tuples(
+    st.just("statement"),
+    st.sampled_from(STREAMS),
+    st.sampled_from((False, False, True)),  # snapshot: a delta leaves most holders alone
+    st.dictionaries(
+        st.tuples(st.sampled_from(CLIENTS), st.sampled_from(("BTC", "USDC"))),
+        st.integers(0, 2 * BTC),
+        max_size=4,
+    ),
+    st.one_of(st.none(), st.integers(0, len(SHORTCUT_TABLES) - 1)),  # None: the same prices
+    st.integers(0, 2_000),  # issued this long before now
+    st.integers(60, 3_600),  # lifetime
+)
+shortcut_operation = st.one_of(
+    shortcut_statement,
+    shortcut_statement,  # twice as likely as each other operation
+    st.tuples(
+        st.just("exposure"),
+        st.sampled_from(CLIENTS),
+        st.integers(0, 10**7),
+        st.integers(0, 10**7),
+        st.integers(-(10**6), 10**6),
+    ),
+    st.tuples(st.just("evaluate")),
+    st.tuples(
+        st.just("release"),
+        st.sampled_from(CLIENTS),
+        st.sampled_from(STREAMS),
+        st.integers(1, BTC),
+        st.integers(1, 1_800),
+    ),
+    st.tuples(st.just("restore"), st.booleans()),  # True: under lower collateral rates
+    st.tuples(st.just("restore"), st.just(True)),
+    st.tuples(st.just("freeze"), st.sampled_from(STREAMS)),
+    st.tuples(st.just("resolve"), st.sampled_from(STREAMS)),
+)
+
+
+shortcut_steps = st.lists(
+    st.tuples(shortcut_operation, st.one_of(st.integers(0, 60), st.integers(0, 1_200))),
+    min_size=12,
+    max_size=40,
+)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requirements=st.lists(st.integers(2_000_000, 8_000_000), min_size=3, max_size=3),
+    plan=shortcut_steps,
+)
+def test_property_a_statement_changes_what_evaluating_every_holder_changes(
+    requirements: list[int], plan: list[tuple[tuple[object, ...], int]]
+) -> None:
+    """The clients a statement evaluates (only those whose state it can change) give exactly
+    the change that evaluating every holder and every changed client gives, whatever came
+    before: exposures, evaluations or none, releases, streams going stale or zero, statements
+    issued earlier than the head, restores under another policy."""
+    # Every client holds on both streams, with a requirement near what its collateral covers.
+    start: list[tuple[tuple[object, ...], int]] = [
+        (("statement", A, True, {(c, "BTC"): BTC for c in CLIENTS}, 0, 0, 3_600), 0),
+        (("statement", B, True, {(c, "USDC"): 10**9 for c in CLIENTS}, 0, 0, 3_600), 0),
+        *((("exposure", c, 1, r, 0), 0) for c, r in zip(CLIENTS, requirements, strict=True)),
+    ]
+    ledger = MarginLedger(SHORT_DEADLINE, decimals=DECIMALS)
+    store = FakeStore()
+    now = T0
+    sequences: dict[str, int] = {}
+    for number, (op, advance) in enumerate([*start, *plan]):
+        now += timedelta(seconds=advance)
+        match op:
+            case (
+                "statement",
+                str(stream),
+                bool(snapshot),
+                dict(changed),
+                table,
+                int(ago),
+                int(life),
+            ):
+                status = ledger.stream_status(stream)
+                if status is not None and status.frozen:
+                    continue
+                sequence = sequences.get(stream, 0) + 1
+                credited = statement(
+                    stream,
+                    sequence,
+                    changed,
+                    prices=SHORTCUT_TABLES[table]
+                    if isinstance(table, int)
+                    else ledger.prices(stream),
+                    snapshot=snapshot,
+                    at=now - timedelta(seconds=ago),
+                    lifetime=timedelta(seconds=life),
+                )
+                change = ledger.plan_statement(credited, now=now)
+                assert change == ledger.plan_statement(credited, now=now, full_evaluation=True)
+                sequences[stream] = sequence
+            case ("exposure", str(client), int(exp), int(req), int(pnl)):
+                report = exposure(
+                    client, f"r{number}", exposure=exp, requirement=req, pnl=pnl, at=now
+                )
+                change = ledger.plan_exposure(report, now=now)
+            case ("evaluate",):
+                change = ledger.plan_evaluation(now=now)
+            case ("release", str(client), str(stream), int(quantity), int(validity)):
+                _, change = ledger.plan_release(
+                    client,
+                    stream=stream,
+                    asset="BTC",
+                    quantity=quantity,
+                    release_id=hashlib.sha256(f"release {number}".encode()).hexdigest(),
+                    issued_at=now,
+                    expires_at=now + timedelta(seconds=validity),
+                    now=now,
+                )
+            case ("restore", bool(low)):
+                ledger = MarginLedger.restore(
+                    LOW_RATES if low else SHORT_DEADLINE,
+                    decimals=DECIMALS,
+                    streams=store.streams.values(),
+                    positions=store.positions,
+                    prices=store.prices,
+                    exposures=store.exposures.values(),
+                    margins=store.margins.values(),
+                )
+                continue
+            case ("freeze", str(stream)):
+                change = ledger.plan_freeze(stream, reason="fork", now=now)
+            case ("resolve", str(stream)):
+                status = ledger.stream_status(stream)
+                if status is None or not status.frozen:
+                    continue
+                change = ledger.plan_resolve(stream, operator="ops", reason="checked", now=now)
+            case _:
+                raise AssertionError(op)
+        if change.is_empty:  # as the desk does: nothing to persist or apply
+            continue
+        store.persist(change)
+        commit(ledger, change)
