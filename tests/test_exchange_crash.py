@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -41,6 +37,7 @@ from custodian.service import statements_table
 from custodian.store import CustodyBook
 from exchange.consumer import AttestationConsumer
 from exchange.store import create_exchange_engine, load_ledger, migrate
+from tests.crash import run_until_killed
 from tests.exchange_worker import MODES, group_settings, make_consumer
 from tests.exchange_world import (
     POLICY,
@@ -63,7 +60,6 @@ from tests.world import DECIMALS, EXCHANGE, World
 
 pytestmark = pytest.mark.broker
 
-ROOT = Path(__file__).resolve().parent.parent
 CRASH_AT = 3
 """The worker credits statements 1 and 2 and dies applying 3 (a delta)."""
 LAST = 4
@@ -139,35 +135,16 @@ async def custodian_side(
 
 def run_worker(mode: str, url: str, settings: KafkaSettings, prefix: str, group: str) -> int:
     """Start the worker, wait for it to kill itself, and return the sequence it died on."""
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.exchange_worker",
-            mode,
-            url,
-            settings.bootstrap_servers,
-            prefix,
-            group,
-            str(CRASH_AT),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    said_mode, sequence = run_until_killed(
+        "tests.exchange_worker",
+        mode,
+        url,
+        settings.bootstrap_servers,
+        prefix,
+        group,
+        str(CRASH_AT),
+        timeout_s=WORKER_TIMEOUT_S,
     )
-    try:
-        stdout, stderr = worker.communicate(timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        stdout, stderr = worker.communicate()
-        pytest.fail(f"the worker hung: {stdout[-500:]!r}\n{stderr[-6000:]}")
-    assert worker.returncode == -signal.SIGKILL, (
-        f"worker exited with {worker.returncode}: {stdout[-500:]!r} {stderr[-3000:]}"
-    )
-    (line,) = [line for line in stdout.splitlines() if line.startswith("KILLED ")]
-    _, said_mode, sequence = line.split()
     assert said_mode == mode
     return int(sequence)
 

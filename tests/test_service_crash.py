@@ -25,11 +25,7 @@ why they must keep their last statement and return it (docs/operations.md, "Cras
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -55,6 +51,7 @@ from bridge.outbox import create_bridge_engine, outbox_table
 from bridge.topics import MessageType, TopicCatalogue, TopicKind
 from custodian.service import AttestationService, statements_table
 from custodian.store import CustodyBook
+from tests.crash import run_until_killed
 from tests.outbox_worker import catalogue_for
 from tests.service_worker import (
     ASSETS,
@@ -71,7 +68,6 @@ from tests.world import CUSTODIAN, DECIMALS, EXCHANGE, NOW, World
 
 pytestmark = pytest.mark.broker
 
-ROOT = Path(__file__).resolve().parent.parent
 CRASH_AT = 4
 """The worker publishes epochs 1-3 completely and dies during epoch 4 (a delta)."""
 AFTER_RESTART = 2
@@ -95,35 +91,16 @@ class Killed:
 
 def run_worker(mode: str, url: str, log_path: Path, settings: KafkaSettings, prefix: str) -> Killed:
     """Start the worker, wait for it to kill itself, and return what it said before dying."""
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.service_worker",
-            mode,
-            url,
-            str(log_path),
-            settings.bootstrap_servers,
-            prefix,
-            str(CRASH_AT),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    said_mode, sequence, wire = run_until_killed(
+        "tests.service_worker",
+        mode,
+        url,
+        str(log_path),
+        settings.bootstrap_servers,
+        prefix,
+        str(CRASH_AT),
+        timeout_s=WORKER_TIMEOUT_S,
     )
-    try:
-        stdout, stderr = worker.communicate(timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        stdout, stderr = worker.communicate()
-        pytest.fail(f"the worker hung: {stdout[-500:]!r}\n{stderr[-6000:]}")
-    assert worker.returncode == -signal.SIGKILL, (
-        f"worker exited with {worker.returncode}: {stdout[-500:]!r} {stderr[-2000:]}"
-    )
-    (line,) = [line for line in stdout.splitlines() if line.startswith("KILLED ")]
-    _, said_mode, sequence, wire = line.split()
     assert said_mode == mode
     return Killed(mode, int(sequence), SignedStatement.decode(bytes.fromhex(wire)))
 
