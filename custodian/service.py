@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final, Self
+from typing import Final, Protocol, Self
 
 from sqlalchemy import (
     BigInteger,
@@ -74,6 +74,7 @@ from attestations.errors import (
     CounterpartyError,
     InvariantViolation,
     MissingQuorum,
+    TransientError,
 )
 from attestations.merkle import SumTree
 from attestations.p256 import DigestSigner
@@ -537,6 +538,41 @@ class AttestationService:
     def _publish_from_loop(self) -> None:
         with self._lock:
             self._publish_locked(self._clock(), snapshot=False)
+
+
+class ChangeListener(Protocol):
+    def notify_change(self) -> None: ...
+
+
+DEFAULT_WATCH_INTERVAL_S: Final = 0.25
+
+
+async def watch_book(
+    book: CustodyBook,
+    listeners: Sequence[ChangeListener],
+    stop: asyncio.Event,
+    *,
+    interval_s: float = DEFAULT_WATCH_INTERVAL_S,
+) -> None:
+    """Until ``stop`` is set, poll the book's journal position every ``interval_s`` and call
+    ``notify_change`` on every listener when it moved: a pledge made by another process (``mcb
+    custodian pledge`` next to ``serve``) is published within about one interval instead of at
+    the next scheduled epoch. The read is one indexed query that takes no write lock; a failed
+    read is logged and retried at the next interval."""
+    if interval_s <= 0:
+        raise ConfigurationError("interval_s must be positive")
+    seen: int | None = None
+    while not stop.is_set():
+        try:
+            position = await asyncio.to_thread(book.journal_position)
+        except TransientError as exc:
+            logger.warning("watching the custody book: %s", exc)
+        else:
+            if seen is not None and position != seen:
+                for listener in listeners:
+                    listener.notify_change()
+            seen = position
+        await _wait_any(stop, timeout_s=interval_s)
 
 
 async def _wait_any(*events: asyncio.Event, timeout_s: float) -> None:

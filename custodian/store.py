@@ -500,6 +500,13 @@ class CustodyBook:
         with _database_errors("reading the journal"), Session(self._reader) as session:
             return _journal_page(session, after=after, limit=limit)
 
+    def journal_position(self) -> int:
+        """The id of the latest journal entry (0 for an empty book): one indexed read, cheap
+        enough to poll for changes made by other processes."""
+        query = sqlalchemy_select(func.max(JournalEntryRow.entry_id))
+        with _database_errors("reading the journal position"), Session(self._reader) as session:
+            return int(session.execute(query).scalar_one_or_none() or 0)
+
     def entry(self, idempotency_key: str) -> RecordedEntry | None:
         """The entry recorded under ``idempotency_key``, if any."""
         query = select(JournalEntryRow).where(JournalEntryRow.idempotency_key == idempotency_key)

@@ -31,7 +31,7 @@ from bridge.outbox import OutboxRelay, decode_headers, outbox_table
 from bridge.topics import TopicCatalogue, TopicKind
 from custodian.book import Deposit, Pledge, Unpledge
 from custodian.prices import StaticPriceSource
-from custodian.service import AttestationService, leaves_table, statements_table
+from custodian.service import AttestationService, leaves_table, statements_table, watch_book
 from custodian.store import CustodyBook
 from tests.outbox_worker import catalogue_for
 from tests.test_consumer import eventually, running
@@ -464,3 +464,44 @@ def test_the_default_clock_gives_statements_whole_milliseconds(
     service = open_service(book, world, cosigners, log, prices=StaticPriceSource(prices))
     signed = service.publish_epoch()  # the service's own clock
     assert signed.statement.issued_at.microsecond % 1000 == 0
+
+
+# --- watching the book for changes made elsewhere -----------------------------------------------
+
+
+@dataclass
+class Listener:
+    notified: int = 0
+
+    def notify_change(self) -> None:
+        self.notified += 1
+
+
+async def test_a_change_committed_by_another_book_object_is_noticed(
+    book: CustodyBook, database_url: str
+) -> None:
+    """``serve`` learns of pledges made by ``mcb custodian pledge`` (another process, another
+    connection): the watcher sees the journal move and notifies, once per change, and not
+    before anything changed."""
+    listener = Listener()
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_book(book, [listener], stop, interval_s=0.02))
+    try:
+        await asyncio.sleep(0.1)
+        assert listener.notified == 0
+        with CustodyBook.open(database_url, assets=ASSETS) as elsewhere:
+            await asyncio.to_thread(pledge, elsewhere, "w1", "alice", "BTC", 5)
+        await eventually(lambda: listener.notified >= 1, timeout_s=5)
+        settled = listener.notified
+        await asyncio.sleep(0.1)
+        assert listener.notified == settled  # no further change, no further notification
+    finally:
+        stop.set()
+        await watcher
+    assert book.journal_position() == 2
+
+
+def test_the_journal_position_of_an_empty_book_is_zero(book: CustodyBook) -> None:
+    assert book.journal_position() == 0
+    pledge(book, "z", "bob", "USDC", 1)
+    assert book.journal_position() == 2
