@@ -27,6 +27,7 @@ from urllib.parse import quote
 import psycopg
 from sqlalchemy import Engine, text
 
+from attestations.amounts import Price
 from attestations.canonical import compute_canonical_bytes
 from attestations.disclosure import ClearedSlot, DisclosedLeaf, LeafDisclosure
 from attestations.disclosure import compute_asset_roots as roots_of
@@ -50,8 +51,10 @@ from bridge.envelope import (
     encode_statement,
 )
 from bridge.kafka import KafkaSettings, open_consumer
+from bridge.outbox import run_transaction
 from bridge.topics import TopicCatalogue, TopicKind
-from exchange.ledger import JournalEntry
+from exchange.desk import MarginDesk
+from exchange.ledger import CreditedStatement, JournalEntry, StreamHead
 from exchange.policy import CollateralPolicy
 from exchange.store import journal_page
 from tests.databases import POSTGRES_URL, SCHEMA_PREFIX
@@ -65,6 +68,43 @@ live an hour, so every one the writer makes is fresh at this instant."""
 QUORUM = 2
 STEP = timedelta(milliseconds=100)
 """Between two statements of a writer: a stream of hundreds stays well before CONSUMER_NOW."""
+
+
+def credit_snapshot(
+    desk: MarginDesk,
+    held: Mapping[tuple[str, str], int],
+    *,
+    stream: str,
+    at: datetime,
+    sequence: int = 1,
+    valid_for: timedelta = timedelta(hours=1),
+) -> None:
+    """Credit ``desk``'s ledger with a snapshot of ``stream`` (custodian/exchange) issued ``at``
+    that holds ``held`` (BTC at 60000.00 USD), as the attestation consumer does: planned under
+    the desk's lock, staged in one transaction, applied after the commit. The statement is not
+    verified here: its digest is a placeholder."""
+    custodian = stream.split("/", maxsplit=1)[0]
+    head = StreamHead(
+        stream=stream,
+        custodian=custodian,
+        sequence=sequence,
+        digest=bytes([sequence]) * 32,
+        kind="snapshot",
+        issued_at=at,
+        expires_at=at + valid_for,
+    )
+    statement = CreditedStatement(
+        stream=stream,
+        custodian=custodian,
+        head=head,
+        changed=dict(held),
+        snapshot=True,
+        prices={"BTC": Price.parse(asset="BTC", quote="USD", text="60000.00")},
+    )
+    with desk.lock:
+        change = desk.ledger.plan_statement(statement, now=at)
+        after, _ = run_transaction(desk.engine, lambda s: desk.stage(s, change), what="credit")
+        after()
 
 
 def new_catalogue() -> TopicCatalogue:

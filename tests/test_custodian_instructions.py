@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from attestations.amounts import Price
 from attestations.canonical import truncate_to_millis
 from attestations.keys import KeyRecord, KeyRegistry, KeyRole
 from attestations.notices import MarginCall, ReleaseAck, sign_notice
@@ -52,9 +51,10 @@ from custodian.instructions import (
 from custodian.service import AttestationService
 from custodian.store import CustodyBook, release_acks_table
 from exchange.desk import MarginDesk
-from exchange.ledger import CreditedStatement, MarginLedger, StreamHead
+from exchange.ledger import MarginLedger
 from exchange.policy import CollateralPolicy
 from exchange.store import create_exchange_engine, migrate
+from tests.exchange_world import credit_snapshot
 from tests.outbox_worker import catalogue_for
 from tests.service_worker import ASSETS, STREAM, change_pledges, fresh_cosigners, make_relay
 from tests.service_worker import open_service as open_worker_service
@@ -391,32 +391,6 @@ EXCHANGE_KEY = RELEASE_KEY
 POLICY = CollateralPolicy.default()
 
 
-def credit(desk: MarginDesk, held: dict[tuple[str, str], int], *, at: datetime) -> None:
-    """Credit the desk's ledger as the attestation consumer would, with a statement at ``at``."""
-    stream = f"{CUSTODIAN}/{EXCHANGE}"
-    head = StreamHead(
-        stream=stream,
-        custodian=CUSTODIAN,
-        sequence=1,
-        digest=bytes(32),
-        kind="snapshot",
-        issued_at=at,
-        expires_at=at + timedelta(hours=1),
-    )
-    statement = CreditedStatement(
-        stream=stream,
-        custodian=CUSTODIAN,
-        head=head,
-        changed=held,
-        snapshot=True,
-        prices={"BTC": Price.parse(asset="BTC", quote="USD", text="60000.00")},
-    )
-    with desk.lock:
-        change = desk.ledger.plan_statement(statement, now=at)
-        after, _ = run_transaction(desk.engine, lambda s: desk.stage(s, change), what="credit")
-        after()
-
-
 def release_ack_body(now: datetime) -> ReleaseAck:
     return ReleaseAck(
         exchange=EXCHANGE,
@@ -449,7 +423,9 @@ async def test_the_whole_path_releases_once(
                     catalogue=custodian.catalogue,
                 )
                 at = custodian.clock()
-                credit(desk, {("client-001", "BTC"): 1001}, at=at)
+                credit_snapshot(
+                    desk, {("client-001", "BTC"): 1001}, stream=f"{CUSTODIAN}/{EXCHANGE}", at=at
+                )
                 relay = OutboxRelay(
                     engine,
                     kafka_settings,

@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.orm import Session
 
-from attestations.amounts import Price
 from attestations.errors import InvariantViolation, TransientError
 from attestations.keys import KeyRecord, KeyRegistry, KeyRole
 from attestations.notices import (
@@ -27,13 +26,14 @@ from attestations.notices import (
     verify_notice,
 )
 from bridge.envelope import decode_message
-from bridge.outbox import decode_headers, outbox_table, run_transaction
+from bridge.outbox import decode_headers, outbox_table
 from bridge.topics import TopicKind
 from exchange.desk import MarginDesk
 from exchange.errors import StreamNotFrozen, UnknownStream
-from exchange.ledger import CreditedStatement, ExposureReport, MarginLedger, StreamHead
+from exchange.ledger import ExposureReport, MarginLedger
 from exchange.policy import CollateralPolicy, MarginState
 from exchange.store import create_exchange_engine, journal_page, migrate
+from tests.exchange_world import credit_snapshot
 from tests.world import custodian_signer
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -74,29 +74,10 @@ def desk(engine: Engine) -> MarginDesk:
 
 
 def credit(desk: MarginDesk, stream: str, sequence: int, held: dict[tuple[str, str], int]) -> None:
-    """Credit a statement as the attestation consumer does: under the lock, staged in one
-    transaction, applied after the commit."""
-    head = StreamHead(
-        stream=stream,
-        custodian=stream.split("/", maxsplit=1)[0],
-        sequence=sequence,
-        digest=bytes([sequence]) * 32,
-        kind="snapshot",
-        issued_at=T0,
-        expires_at=T0 + timedelta(days=2),
+    """Credit a snapshot issued at T0 (fresh for two days) as the attestation consumer does."""
+    credit_snapshot(
+        desk, held, stream=stream, sequence=sequence, at=T0, valid_for=timedelta(days=2)
     )
-    credited = CreditedStatement(
-        stream=stream,
-        custodian=head.custodian,
-        head=head,
-        changed=held,
-        snapshot=True,
-        prices={"BTC": Price.parse(asset="BTC", quote="USD", text="60000.00")},
-    )
-    with desk.lock:
-        change = desk.ledger.plan_statement(credited, now=T0)
-        after, _ = run_transaction(desk.engine, lambda s: desk.stage(s, change), what="credit")
-        after()
 
 
 def report(

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import Engine, select
 
-from attestations.amounts import Asset, Price
+from attestations.amounts import Asset
 from attestations.canonical import compute_canonical_bytes, truncate_to_millis
 from attestations.errors import BridgeError, ConfigurationError
 from attestations.keys import KeyRecord, KeyRegistry, KeyRole
@@ -45,9 +45,10 @@ from custodian.book import (
 from custodian.store import CustodyBook
 from exchange.api import TokenStore, create_app
 from exchange.desk import MarginDesk
-from exchange.ledger import CreditedStatement, MarginLedger, StreamHead
+from exchange.ledger import MarginLedger
 from exchange.policy import CollateralPolicy
 from exchange.store import create_exchange_engine, journal_page, migrate
+from tests.exchange_world import credit_snapshot
 from tests.world import CUSTODIAN, EXCHANGE, NOW
 
 BTC = 100_000_000
@@ -247,32 +248,6 @@ POLICY = CollateralPolicy.default()
 STREAM = f"{CUSTODIAN}/{EXCHANGE}"
 
 
-def credit(
-    desk: MarginDesk, held: dict[tuple[str, str], int], *, at: datetime, sequence: int = 1
-) -> None:
-    head = StreamHead(
-        stream=STREAM,
-        custodian=CUSTODIAN,
-        sequence=sequence,
-        digest=bytes([sequence]) * 32,
-        kind="snapshot",
-        issued_at=at,
-        expires_at=at + timedelta(hours=1),
-    )
-    statement = CreditedStatement(
-        stream=STREAM,
-        custodian=CUSTODIAN,
-        head=head,
-        changed=held,
-        snapshot=True,
-        prices={"BTC": Price.parse(asset="BTC", quote="USD", text="60000.00")},
-    )
-    with desk.lock:
-        change = desk.ledger.plan_statement(statement, now=at)
-        after, _ = run_transaction(desk.engine, lambda s: desk.stage(s, change), what="credit")
-        after()
-
-
 @pytest.fixture
 def exchange_engine(database_url: str) -> Iterator[Engine]:
     opened = create_exchange_engine(database_url)
@@ -291,7 +266,7 @@ def desk(exchange_engine: Engine) -> MarginDesk:
         exchange=EXCHANGE,
         signer=EXCHANGE_KEY,
     )
-    credit(opened, {("alice", "BTC"): BTC, ("bob", "BTC"): BTC}, at=NOW)
+    credit_snapshot(opened, {("alice", "BTC"): BTC, ("bob", "BTC"): BTC}, stream=STREAM, at=NOW)
     return opened
 
 
