@@ -687,6 +687,16 @@ _JOURNAL_COLUMNS: Final = (
 
 def persist_journal(session: Session, entries: Sequence[JournalEntry]) -> None:
     """Append ``entries`` to the journal in order, in one executemany (ids follow the order)."""
+    # Encoded once per detail object: the ledger shares one read-only detail between the many
+    # credit entries of new holdings. Keyed by identity, valid while ``entries`` holds them.
+    encoded: dict[int, str] = {}
+
+    def detail_json(detail: Mapping[str, object]) -> str:
+        text = encoded.get(id(detail))
+        if text is None:
+            text = encoded[id(detail)] = _json(detail)
+        return text
+
     bulk_insert(
         session,
         journal_table,
@@ -701,7 +711,7 @@ def persist_journal(session: Session, entries: Sequence[JournalEntry]) -> None:
                 entry.sequence,
                 entry.quantity,
                 entry.value,
-                _json(entry.detail),
+                detail_json(entry.detail),
             )
             for entry in entries
         ),
