@@ -308,6 +308,20 @@ def enqueue(
         connection.execute(insert(outbox_table).values(**row))
 
 
+def call_on_loop(loop: asyncio.AbstractEventLoop | None, callback: Callable[[], None]) -> None:
+    """Run ``callback`` in ``loop``'s thread: scheduled thread-safely when called from another
+    thread (an asyncio event may only be set by its own loop), at once when called from that loop
+    or when there is no (open) loop to defer to."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if loop is not None and running is not loop and not loop.is_closed():
+        loop.call_soon_threadsafe(callback)
+    else:
+        callback()
+
+
 # --- the relay ----------------------------------------------------------------------------------
 
 

@@ -84,7 +84,7 @@ from attestations.translog import TransparencyLog
 from bridge import migrations as bridge_migrations
 from bridge.chunks import encode_disclosure
 from bridge.envelope import DEFAULT_BUDGET_BYTES, OutboundMessage, encode_statement
-from bridge.outbox import OutboxRelay, enqueue, run_transaction
+from bridge.outbox import OutboxRelay, call_on_loop, enqueue, run_transaction
 from bridge.topics import DEFAULT_CATALOGUE, TopicCatalogue, compute_stream_key
 from custodian import migrations as custodian_migrations
 from custodian.epochs import EpochPlan, EpochState, Holding, compute_client_proof, plan_epoch
@@ -459,32 +459,14 @@ class AttestationService:
         return signatures
 
     def _wake_relay(self) -> None:
-        relay = self.relay
-        if relay is None:
-            return
-        loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is not None and running is not loop and not loop.is_closed():
-            loop.call_soon_threadsafe(relay.wake)  # the relay's event belongs to that loop
-        else:
-            relay.wake()
+        if self.relay is not None:
+            call_on_loop(self._loop, self.relay.wake)
 
     # --- scheduling -----------------------------------------------------------------------------
 
     def notify_change(self) -> None:
         """A pledge changed: publish soon (debounced). Safe from any thread."""
-        loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is not None and running is not loop and not loop.is_closed():
-            loop.call_soon_threadsafe(self._changed.set)
-        else:
-            self._changed.set()
+        call_on_loop(self._loop, self._changed.set)
 
     async def run(
         self,

@@ -67,7 +67,7 @@ from attestations.verify import VerificationPolicy, VerifiedStatement, verify_st
 from bridge.consumer import AfterCommit, ConsumerBase, Delivery
 from bridge.envelope import DEFAULT_BUDGET_BYTES, SnapshotRequest, encode_snapshot_request
 from bridge.kafka import KafkaSettings
-from bridge.outbox import OutboxRelay, enqueue
+from bridge.outbox import OutboxRelay, call_on_loop, enqueue
 from bridge.topics import (
     DEFAULT_CATALOGUE,
     TopicCatalogue,
@@ -559,10 +559,5 @@ class AttestationConsumer(ConsumerBase):
         return after
 
     def _wake_relay(self) -> None:
-        relay, loop = self.relay, self._loop
-        if relay is None:
-            return
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(relay.wake)  # the relay's event belongs to that loop
-        else:
-            relay.wake()
+        if self.relay is not None:
+            call_on_loop(self._loop, self.relay.wake)

@@ -47,7 +47,7 @@ from attestations.keys import KeyRegistry
 from attestations.p256 import DigestSigner
 from bridge import http
 from bridge.kafka import KafkaSettings
-from bridge.outbox import OutboxRelay
+from bridge.outbox import OutboxRelay, call_on_loop
 from bridge.topics import DEFAULT_CATALOGUE, TopicCatalogue
 from exchange.api import TokenStore, create_app, run_server
 from exchange.consumer import AttestationConsumer
@@ -250,15 +250,7 @@ class ExchangeService:
 
     def wake_relay(self) -> None:
         """Publish now; safe from any thread (the relay's event belongs to the service's loop)."""
-        loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is not None and running is not loop and not loop.is_closed():
-            loop.call_soon_threadsafe(self.relay.wake)
-        else:
-            self.relay.wake()
+        call_on_loop(self._loop, self.relay.wake)
 
     async def run(
         self, stop: asyncio.Event, *, on_ready: Callable[[list[Any]], None] | None = None
