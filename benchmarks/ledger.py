@@ -81,13 +81,12 @@ from benchmarks.publish import (
     CUSTODIAN,
     EXCHANGE,
     PledgeSample,
-    TimedRelay,
     _published_at,
     _resolve,
     _wait_for,
+    open_custodian,
     open_signer,
     percentile,
-    sample_prices,
     seed_book,
 )
 from bridge.broker import EmbeddedBroker
@@ -97,7 +96,6 @@ from bridge.kafka import KafkaSettings
 from bridge.topics import TopicCatalogue, TopicKind, compute_stream_key
 from custodian.book import Pledge
 from custodian.epochs import EpochPlan, EpochState, plan_epoch
-from custodian.service import AttestationService
 from custodian.store import CustodyBook
 from exchange import consumer as consumer_module
 from exchange.consumer import AttestationConsumer
@@ -574,21 +572,8 @@ async def run_pipeline(args: argparse.Namespace, workdir: Path) -> dict[str, Any
         TransparencyLog(workdir / "translog.sqlite3") as log,
     ):
         settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, client_id="bench")
-        relay = TimedRelay(book.engine, settings, catalogue=CATALOGUE, loss_check_interval_s=3600.0)
-        service = AttestationService.open(
-            book,
-            custodian=CUSTODIAN,
-            exchange=EXCHANGE,
-            signer=signer,
-            cosigners=cosigners,
-            quorum=2,
-            salt_secret=secrets.token_bytes(32),
-            decimals=DECIMALS,
-            prices=sample_prices(datetime.now(UTC)),
-            log=log,
-            relay=relay,
-            catalogue=CATALOGUE,
-            clock=lambda: truncate_to_millis(datetime.now(UTC)),
+        relay, service = open_custodian(
+            book, log, settings, signer=signer, cosigners=cosigners, catalogue=CATALOGUE
         )
         t = time.perf_counter()
         seeded_sequence = await asyncio.to_thread(seed_book, book, service, clients)

@@ -159,6 +159,37 @@ def sample_prices(now: datetime) -> StaticPriceSource:
     )
 
 
+def open_custodian(
+    book: CustodyBook,
+    log: TransparencyLog,
+    settings: KafkaSettings,
+    *,
+    signer: DigestSigner,
+    cosigners: list[Cosigner],
+    catalogue: TopicCatalogue,
+) -> tuple[TimedRelay, AttestationService]:
+    """The custodian side every pipeline benchmark measures: the timed outbox relay and the
+    attestation service on ``book`` (quorum 2, fixed prices, whole-millisecond clock)."""
+    relay = TimedRelay(book.engine, settings, catalogue=catalogue, loss_check_interval_s=3600.0)
+    service = AttestationService.open(
+        book,
+        custodian=CUSTODIAN,
+        exchange=EXCHANGE,
+        signer=signer,
+        cosigners=cosigners,
+        quorum=2,
+        salt_secret=secrets.token_bytes(32),
+        decimals=DECIMALS,
+        prices=sample_prices(datetime.now(UTC)),
+        log=log,
+        relay=relay,
+        catalogue=catalogue,
+        # Statements carry whole milliseconds; the service's default clock does not truncate.
+        clock=lambda: truncate_to_millis(datetime.now(UTC)),
+    )
+    return relay, service
+
+
 def seed_book(book: CustodyBook, service: AttestationService, clients: list[str]) -> int:
     """Deposit and pledge one unit for every client, publishing a statement after each batch of
     SEED_BATCH new holdings; returns the last statement's sequence. Batches keep the warm-up
@@ -188,22 +219,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  # noq
     ):
         settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, client_id="bench")
         print(f"  broker            {broker.bootstrap_servers} (embedded Tansu, memory only)")
-        relay = TimedRelay(book.engine, settings, catalogue=catalogue, loss_check_interval_s=3600.0)
-        service = AttestationService.open(
-            book,
-            custodian=CUSTODIAN,
-            exchange=EXCHANGE,
-            signer=signer,
-            cosigners=cosigners,
-            quorum=2,
-            salt_secret=secrets.token_bytes(32),
-            decimals=DECIMALS,
-            prices=sample_prices(datetime.now(UTC)),
-            log=log,
-            relay=relay,
-            catalogue=catalogue,
-            # Statements carry whole milliseconds; the service's default clock does not truncate.
-            clock=lambda: truncate_to_millis(datetime.now(UTC)),
+        relay, service = open_custodian(
+            book, log, settings, signer=signer, cosigners=cosigners, catalogue=catalogue
         )
         t = time.perf_counter()
         seeded_sequence = await asyncio.to_thread(seed_book, book, service, clients)
